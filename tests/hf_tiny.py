@@ -18,8 +18,10 @@ TINY_CONFIGS = {
 
 
 def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides) -> LlamaForCausalLM:
+  # initializer_range 0.1 (HF default 0.02) makes the logits O(1) (std ~0.8, max ~3) and the
+  # attention non-uniform, so a parity tolerance of 1e-4 is a relative test, not a vacuous one.
   kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
-                rms_norm_eps=1e-5, max_position_embeddings=128)
+                rms_norm_eps=1e-5, max_position_embeddings=128, initializer_range=0.1)
   kwargs.update(TINY_CONFIGS[name])
   kwargs.update(overrides)
   torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Benchmarks: the official-FinerCut PyTorch baseline and the comparisons against it."""

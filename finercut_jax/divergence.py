@@ -1,0 +1,81 @@
+"""How far a pruned model's outputs are from the dense model's, per position, in float32.
+
+Each metric is split in two so that the scorer never materializes `[candidates, N, T, vocab]`:
+`reference(metric, logits)` turns the dense model's logits into what the metric compares against
+(computed once per search), and `position_terms(metric, ref, logits, targets)` maps a block of
+positions of one candidate to per-position values. The score is `sum(terms * weights)`, with
+`position_weights` making it the mean the metric defines.
+
+  js           textbook Jensen-Shannon: 0.5*KL(P||M) + 0.5*KL(Q||M), M=(P+Q)/2, summed over the
+               vocabulary, mean over positions (the paper's metric; default)
+  js_official  0.5*[KL(M||P) + KL(M||Q)], averaged over all position*vocab elements: what the
+               official FinerCut code computes (KL direction reversed), to reproduce its orderings
+  kl           KL(P||Q), mean over positions
+  angular      arccos(cosine(logits_P, logits_Q)) / pi, mean over positions
+  logit_l2     Euclidean distance between logit vectors, mean over positions
+  ppl          next-token NLL of the pruned model on the calibration tokens (log perplexity)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS = ("js", "js_official", "kl", "angular", "logit_l2", "ppl")
+_LOG2 = float(np.log(2.0))
+
+
+def check_metric(metric: str) -> str:
+  if metric not in METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+  return metric
+
+
+def reference(metric: str, logits: jax.Array) -> jax.Array | None:
+  """What the metric keeps of the dense model's float32 logits `[P, V]` (None: nothing)."""
+  logits = logits.astype(jnp.float32)
+  if metric in ("js", "js_official", "kl"):
+    return jax.nn.log_softmax(logits, axis=-1)
+  if metric in ("angular", "logit_l2"):
+    return logits
+  return None
+
+
+def position_terms(metric: str, ref, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-position values `[..., P]` for candidate logits `[..., P, V]` (float32)."""
+  logits = logits.astype(jnp.float32)
+  if metric == "ppl":
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.maximum(targets, 0)
+    return -jnp.take_along_axis(logq, jnp.broadcast_to(safe, logq.shape[:-1])[..., None],
+                                axis=-1)[..., 0]
+  if metric == "angular":
+    dot = jnp.sum(ref * logits, axis=-1)
+    norms = jnp.linalg.norm(ref, axis=-1) * jnp.linalg.norm(logits, axis=-1)
+    return jnp.arccos(jnp.clip(dot / norms, -1.0, 1.0)) / jnp.pi
+  if metric == "logit_l2":
+    return jnp.linalg.norm(logits - ref, axis=-1)
+  logp, logq = ref, jax.nn.log_softmax(logits, axis=-1)
+  if metric == "kl":
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  p, q = jnp.exp(logp), jnp.exp(logq)
+  logm = jnp.logaddexp(logp, logq) - _LOG2  # log((p+q)/2), stable
+  if metric == "js":
+    return 0.5 * jnp.sum(p * (logp - logm) + q * (logq - logm), axis=-1)
+  # js_official: KL(M||P) + KL(M||Q) with M as the target distribution.
+  m = jnp.exp(logm)
+  return 0.5 * jnp.sum(m * (logm - logp) + m * (logm - logq), axis=-1)
+
+
+def position_weights(metric: str, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """`(targets [N*T], weights [N*T])` so that `score = sum(terms * weights)`.
+
+  For `ppl` the last position of each sequence has no next token and weighs nothing.
+  """
+  n, t = tokens.shape
+  if metric == "ppl":
+    targets = np.concatenate([tokens[:, 1:], np.full((n, 1), -1, tokens.dtype)], axis=1).reshape(-1)
+    weights = (targets >= 0).astype(np.float32) / (n * (t - 1))
+    return targets.astype(np.int32), weights
+  scale = 1.0 / (n * t) / (vocab_size if metric == "js_official" else 1)
+  return np.full(n * t, -1, np.int32), np.full(n * t, scale, np.float32)

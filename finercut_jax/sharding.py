@@ -1,0 +1,84 @@
+"""The device mesh and where every array lives on it, declared once as logical-axis rules.
+
+The mesh has two axes: `cand` splits the removal candidates (data parallelism over masks) and
+`model` splits the weights (tensor parallelism, for models that do not fit one device).
+Parameters are replicated over `cand`. A parameter dimension is named by a logical axis; `RULES`
+maps logical axes to mesh axes. A dimension that the mesh axis does not divide stays replicated
+(e.g. 3 KV heads on a 4-way model axis), so any mesh shape runs.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+CAND, MODEL = "cand", "model"
+
+# Logical axes of each parameter, in the layout of model.py.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "q_heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "wo": ("layers", "q_heads", "embed"),
+    "ffn_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+# Megatron-style tensor parallelism: heads and FFN hidden units split, the residual stream whole.
+RULES = {"q_heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL,
+         "embed": None, "layers": None}
+
+
+def make_mesh(cand: int | None = None, model: int = 1, devices=None) -> Mesh:
+  """A `(cand, model)` mesh over `devices` (all by default); `cand=None` uses all that remain."""
+  devices = list(devices if devices is not None else jax.devices())
+  if model < 1 or len(devices) % model:
+    raise ValueError(f"model axis {model} does not divide the {len(devices)} devices")
+  cand = cand or len(devices) // model
+  if cand * model > len(devices):
+    raise ValueError(f"mesh {cand}x{model} needs {cand * model} devices, {len(devices)} available")
+  grid = np.asarray(devices[:cand * model]).reshape(cand, model)
+  return Mesh(grid, (CAND, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def logical_spec(axes, shape, mesh: Mesh) -> P:
+  """PartitionSpec for a tensor with the given logical axes, replicating what does not divide."""
+  spec = []
+  for name, size in zip(axes, shape):
+    mesh_axis = RULES.get(name)
+    if mesh_axis is not None and size % mesh.shape[mesh_axis] == 0:
+      spec.append(mesh_axis)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def param_sharding_fn(mesh: Mesh):
+  """`sharding_fn(name, shape)` for `loading.load_params`."""
+  def fn(name, shape):
+    return NamedSharding(mesh, logical_spec(PARAM_AXES[name], shape, mesh))
+  return fn
+
+
+def shard_params(params, mesh: Mesh):
+  """Places an existing parameter pytree on the mesh according to `RULES`."""
+  fn = param_sharding_fn(mesh)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.device_put(x, fn(path[-1].key, x.shape)), params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_chunks_per_device(num_candidates: int, width: int, cand_devices: int) -> int:
+  """Chunks of `width` candidates each device runs so that all candidates fit."""
+  return max(1, math.ceil(num_candidates / (width * cand_devices)))

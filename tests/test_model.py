@@ -1,0 +1,158 @@
+"""The model against an independent implementation: transformers' PyTorch LlamaForCausalLM.
+
+Tolerance: the tiny models (hf_tiny, initializer_range 0.1) have O(1) logits (max |logit| ~3).
+float32 rounding (eps 1.2e-7) through 3 layers with different reduction orders and fused kernels
+on the two sides gives differences of ~1e-6..2e-5 (measured); 1e-4 leaves a safe margin, while any
+real mismatch (a RoPE frequency, a norm weight not applied, a wrong GQA head mapping, a mask
+misread) moves logits by 1e-2 or more.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import finercut_jax
+from finercut_jax.model import forward
+from hf_tiny import TINY_CONFIGS, make_hf_model, save_hf_model
+
+ATOL = 1e-4
+BATCH, SEQ = 2, 40  # 40 > original_max_position_embeddings=32 of the llama3 config
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny(request, tmp_path_factory):
+  """(HF torch model, our loaded Llama, tokens) for one tiny config, saved and loaded from disk."""
+  name = request.param
+  hf = make_hf_model(name, seed=1)
+  directory = save_hf_model(hf, tmp_path_factory.mktemp(name))
+  model, tok = finercut_jax.load_model(directory, tokenizer=False)
+  assert tok is None
+  tokens = np.random.RandomState(0).randint(0, hf.config.vocab_size, (BATCH, SEQ))
+  return name, hf, model, tokens
+
+
+def hf_logits(hf, tokens, keep=None) -> np.ndarray:
+  """The torch model's logits; sublayers with keep False have their module output zeroed."""
+  handles = []
+  if keep is not None:
+    for layer, block in enumerate(hf.model.layers):
+      if not keep[layer, 0]:
+        # LlamaAttention returns (attn_output, attn_weights); zero the output, keep the rest.
+        handles.append(block.self_attn.register_forward_hook(
+            lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
+      if not keep[layer, 1]:
+        handles.append(block.mlp.register_forward_hook(
+            lambda mod, args, out: torch.zeros_like(out)))
+  try:
+    with torch.no_grad():
+      return hf(torch.as_tensor(tokens)).logits.float().numpy()
+  finally:
+    for h in handles:
+      h.remove()
+
+
+def test_config_read_from_checkpoint(tiny):
+  name, hf, model, _ = tiny
+  cfg, hc = model.config, hf.config
+  assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (
+      hc.num_hidden_layers, hc.hidden_size, hc.intermediate_size, hc.vocab_size)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+      hc.num_attention_heads, hc.num_key_value_heads, hc.head_dim)
+  assert cfg.tie_embeddings == hc.tie_word_embeddings
+  assert ("lm_head" in model.params()) == (not hc.tie_word_embeddings)
+  assert (cfg.rope_llama3 is not None) == (name == "llama3_rope_headdim")
+
+
+def test_logits_match_transformers(tiny):
+  _, hf, model, tokens = tiny
+  ref = hf_logits(hf, tokens)
+  assert np.abs(ref).max() > 1.0, "reference logits too small for the tolerance to mean anything"
+  out = np.asarray(model(jnp.asarray(tokens)))
+  assert out.dtype == np.float32 and out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+
+
+def masks(num_layers: int) -> list[np.ndarray]:
+  rng = np.random.RandomState(42)
+  out = [rng.rand(num_layers, 2) < 0.5 for _ in range(4)]
+  all_attn_removed = np.ones((num_layers, 2), bool)
+  all_attn_removed[:, 0] = False
+  all_ffn_removed = np.ones((num_layers, 2), bool)
+  all_ffn_removed[:, 1] = False
+  only_last_ffn = np.zeros((num_layers, 2), bool)
+  only_last_ffn[-1, 1] = True
+  everything_removed = np.zeros((num_layers, 2), bool)
+  return out + [all_attn_removed, all_ffn_removed, only_last_ffn, everything_removed]
+
+
+def test_keep_mask_matches_zeroed_hf_sublayers(tiny):
+  _, hf, model, tokens = tiny
+  cfg, params = model.config, model.params()
+  fwd = jax.jit(forward, static_argnums=1)  # keep is traced: one compilation for all masks
+  full = hf_logits(hf, tokens)
+  for keep in masks(cfg.num_layers):
+    ref = hf_logits(hf, tokens, keep)
+    out = np.asarray(fwd(params, cfg, jnp.asarray(tokens), jnp.asarray(keep)))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL, err_msg=f"keep={keep.tolist()}")
+    # The hooks really removed something (else the comparison above proves nothing).
+    assert np.abs(ref - full).max() > 1e-2
+  # The NNX module's keep argument is the same mask.
+  keep = masks(cfg.num_layers)[0]
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens), keep=jnp.asarray(keep))),
+                             hf_logits(hf, tokens, keep), rtol=0, atol=ATOL)
+
+
+def test_batched_keep_masks_match_single_masks(tiny):
+  """The scorer vmaps over masks (then both branches are computed and one selected)."""
+  _, _, model, tokens = tiny
+  cfg, params = model.config, model.params()
+  ms = np.stack(masks(cfg.num_layers))
+  batched = jax.jit(jax.vmap(lambda k: forward(params, cfg, jnp.asarray(tokens[:1]), k)))(ms)
+  for keep, out in zip(ms, np.asarray(batched)):
+    single = np.asarray(forward(params, cfg, jnp.asarray(tokens[:1]), jnp.asarray(keep)))
+    np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
+
+
+def test_removed_sublayer_is_not_computed(tiny):
+  """A removed sublayer's branch is skipped, not multiplied by zero: NaN weights do not leak."""
+  _, hf, model, tokens = tiny
+  cfg, params = model.config, model.params()
+  keep = np.ones((cfg.num_layers, 2), bool)
+  keep[1, 0] = keep[0, 1] = False
+  poisoned = jax.tree.map(lambda x: x, params)
+  for name in ("attn_norm", "wq", "wk", "wv", "wo"):
+    poisoned["layers"][name] = poisoned["layers"][name].at[1].set(jnp.nan)
+  for name in ("ffn_norm", "w_gate", "w_up", "w_down"):
+    poisoned["layers"][name] = poisoned["layers"][name].at[0].set(jnp.nan)
+  ref = hf_logits(hf, tokens, keep)
+  out = np.asarray(forward(poisoned, cfg, jnp.asarray(tokens), jnp.asarray(keep)))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+  batched = jax.vmap(lambda k: forward(poisoned, cfg, jnp.asarray(tokens), k))(
+      jnp.asarray(keep[None]))
+  np.testing.assert_allclose(np.asarray(batched[0]), ref, rtol=0, atol=ATOL)
+
+
+def test_nnx_split_merge_roundtrip(tiny):
+  """The NNX module splits into graph + state and merges back to the same function."""
+  _, _, model, tokens = tiny
+  graphdef, state = nnx.split(model)
+  leaves = jax.tree.leaves(state)
+  assert sum(x.size for x in leaves) == sum(x.size for x in jax.tree.leaves(model.params()))
+  merged = nnx.merge(graphdef, state)
+  np.testing.assert_array_equal(np.asarray(merged(jnp.asarray(tokens))),
+                                np.asarray(model(jnp.asarray(tokens))))
+
+
+def test_param_shapes_are_checked():
+  cfg = finercut_jax.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2,
+                                 num_heads=2, num_kv_heads=1, head_dim=4)
+  model = finercut_jax.Llama(cfg)
+  params = model.params()
+  params["layers"]["wk"] = params["layers"]["wk"][:, :, :2]
+  with pytest.raises(ValueError, match=r"wk.*shape \(2, 8, 2\).*expected \(2, 8, 4\)"):
+    finercut_jax.Llama(cfg, params)
+  del params["final_norm"]
+  with pytest.raises(ValueError, match="final_norm.*missing"):
+    finercut_jax.Llama(cfg, params)
