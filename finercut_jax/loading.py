@@ -198,11 +198,16 @@ def _make_array(st, shape, dtype, sharding, read):
 # ----------------------------------------------------------------------------- GGUF
 
 
+def _reader_path(reader) -> str:
+  """The file a GGUFReader reads (it keeps no path of its own, only its memmap's filename)."""
+  return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
 def _gguf_field(reader, key, default=None):
   field = reader.fields.get(key)
   if field is None:
     if default is None:
-      raise CheckpointError(f"{reader.path}: metadata {key} is missing")
+      raise CheckpointError(f"{_reader_path(reader)}: metadata {key} is missing")
     return default
   return field.contents()
 
@@ -210,22 +215,25 @@ def _gguf_field(reader, key, default=None):
 def gguf_config(reader) -> LlamaConfig:
   arch = _gguf_field(reader, "general.architecture")
   if arch != "llama":
-    raise CheckpointError(f"{reader.path}: general.architecture={arch!r}, only 'llama' is supported")
+    raise CheckpointError(f"{_reader_path(reader)}: general.architecture={arch!r}, "
+                          f"only 'llama' is supported")
   p = "llama."
   names = {t.name for t in reader.tensors}
   heads = int(_gguf_field(reader, p + "attention.head_count"))
   hidden = int(_gguf_field(reader, p + "embedding_length"))
   tok = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if tok is None:
-    raise CheckpointError(f"{reader.path}: tensor token_embd.weight is missing")
+    raise CheckpointError(f"{_reader_path(reader)}: tensor token_embd.weight is missing")
   for key in (p + "rope.scaling.type", p + "attention.sliding_window"):
     if key in reader.fields:
-      raise CheckpointError(f"{reader.path}: unsupported metadata {key}={_gguf_field(reader, key)!r}")
+      raise CheckpointError(f"{_reader_path(reader)}: unsupported metadata "
+                            f"{key}={_gguf_field(reader, key)!r}")
   head_dim = int(_gguf_field(reader, p + "attention.key_length", hidden // heads))
   rot_dim = int(_gguf_field(reader, p + "rope.dimension_count", head_dim))
   if rot_dim != head_dim:
-    raise CheckpointError(f"{reader.path}: unsupported metadata {p}rope.dimension_count={rot_dim} "
-                          f"(partial rotary; head_dim is {head_dim})")
+    raise CheckpointError(f"{_reader_path(reader)}: unsupported metadata "
+                          f"{p}rope.dimension_count={rot_dim} (partial rotary; head_dim is "
+                          f"{head_dim})")
   return LlamaConfig(
       vocab_size=int(tok.shape[1]),
       hidden_size=hidden,

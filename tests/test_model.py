@@ -20,6 +20,10 @@ from hf_tiny import TINY_CONFIGS, make_hf_model, save_hf_model
 ATOL = 1e-4
 BATCH, SEQ = 2, 40  # 40 > original_max_position_embeddings=32 of the llama3 config
 
+# XLA compilation dominates on CPU: every test calls this one jitted forward with the same shapes
+# (keep always passed, traced), so each config compiles once.
+fwd = jax.jit(forward, static_argnums=1)
+
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
 def tiny(request, tmp_path_factory):
@@ -69,7 +73,7 @@ def test_logits_match_transformers(tiny):
   _, hf, model, tokens = tiny
   ref = hf_logits(hf, tokens)
   assert np.abs(ref).max() > 1.0, "reference logits too small for the tolerance to mean anything"
-  out = np.asarray(model(jnp.asarray(tokens)))
+  out = np.asarray(model(jnp.asarray(tokens)))  # the NNX module, keep=None
   assert out.dtype == np.float32 and out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
 
@@ -90,7 +94,6 @@ def masks(num_layers: int) -> list[np.ndarray]:
 def test_keep_mask_matches_zeroed_hf_sublayers(tiny):
   _, hf, model, tokens = tiny
   cfg, params = model.config, model.params()
-  fwd = jax.jit(forward, static_argnums=1)  # keep is traced: one compilation for all masks
   full = hf_logits(hf, tokens)
   for keep in masks(cfg.num_layers):
     ref = hf_logits(hf, tokens, keep)
@@ -98,58 +101,65 @@ def test_keep_mask_matches_zeroed_hf_sublayers(tiny):
     np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL, err_msg=f"keep={keep.tolist()}")
     # The hooks really removed something (else the comparison above proves nothing).
     assert np.abs(ref - full).max() > 1e-2
-  # The NNX module's keep argument is the same mask.
-  keep = masks(cfg.num_layers)[0]
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens), keep=jnp.asarray(keep))),
-                             hf_logits(hf, tokens, keep), rtol=0, atol=ATOL)
 
 
-def test_batched_keep_masks_match_single_masks(tiny):
-  """The scorer vmaps over masks (then both branches are computed and one selected)."""
-  _, _, model, tokens = tiny
-  cfg, params = model.config, model.params()
-  ms = np.stack(masks(cfg.num_layers))
-  batched = jax.jit(jax.vmap(lambda k: forward(params, cfg, jnp.asarray(tokens[:1]), k)))(ms)
-  for keep, out in zip(ms, np.asarray(batched)):
-    single = np.asarray(forward(params, cfg, jnp.asarray(tokens[:1]), jnp.asarray(keep)))
-    np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
+def poison(params, keep):
+  """params with every weight of the sublayers removed by `keep` set to NaN."""
+  out = {**params, "layers": dict(params["layers"])}
+  for kind, names in ((0, ("attn_norm", "wq", "wk", "wv", "wo")),
+                      (1, ("ffn_norm", "w_gate", "w_up", "w_down"))):
+    removed = np.flatnonzero(~keep[:, kind])
+    for name in names:
+      out["layers"][name] = out["layers"][name].at[removed].set(jnp.nan)
+  return out
 
 
 def test_removed_sublayer_is_not_computed(tiny):
   """A removed sublayer's branch is skipped, not multiplied by zero: NaN weights do not leak."""
   _, hf, model, tokens = tiny
-  cfg, params = model.config, model.params()
+  cfg = model.config
   keep = np.ones((cfg.num_layers, 2), bool)
   keep[1, 0] = keep[0, 1] = False
-  poisoned = jax.tree.map(lambda x: x, params)
-  for name in ("attn_norm", "wq", "wk", "wv", "wo"):
-    poisoned["layers"][name] = poisoned["layers"][name].at[1].set(jnp.nan)
-  for name in ("ffn_norm", "w_gate", "w_up", "w_down"):
-    poisoned["layers"][name] = poisoned["layers"][name].at[0].set(jnp.nan)
-  ref = hf_logits(hf, tokens, keep)
-  out = np.asarray(forward(poisoned, cfg, jnp.asarray(tokens), jnp.asarray(keep)))
-  np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
-  batched = jax.vmap(lambda k: forward(poisoned, cfg, jnp.asarray(tokens), k))(
-      jnp.asarray(keep[None]))
-  np.testing.assert_allclose(np.asarray(batched[0]), ref, rtol=0, atol=ATOL)
+  out = np.asarray(fwd(poison(model.params(), keep), cfg, jnp.asarray(tokens), jnp.asarray(keep)))
+  np.testing.assert_allclose(out, hf_logits(hf, tokens, keep), rtol=0, atol=ATOL)
+
+
+# The batched path does not depend on the config: one config (one more compile) is enough.
+@pytest.mark.parametrize("tiny", ["llama3_rope_headdim"], indirect=True)
+def test_batched_keep_masks_match_single_masks(tiny):
+  """The scorer vmaps over masks (both branches are then computed and one selected)."""
+  _, _, model, tokens = tiny
+  cfg, params = model.config, model.params()
+  ms = np.stack(masks(cfg.num_layers))
+  tokens = jnp.asarray(tokens)
+  batched = np.asarray(jax.jit(jax.vmap(lambda k: forward(params, cfg, tokens, k)))(ms))
+  for keep, out in zip(ms, batched):
+    single = np.asarray(fwd(params, cfg, tokens, jnp.asarray(keep)))
+    np.testing.assert_allclose(out, single, rtol=0, atol=1e-5)
+  # NaN weights of a removed sublayer do not leak through the select either.
+  keep = ms[0]
+  assert not keep.all()
+  out = jax.jit(jax.vmap(lambda k: forward(poison(params, keep), cfg, tokens, k)))(keep[None])
+  np.testing.assert_allclose(np.asarray(out[0]), batched[0], rtol=0, atol=1e-5)
 
 
 def test_nnx_split_merge_roundtrip(tiny):
-  """The NNX module splits into graph + state and merges back to the same function."""
-  _, _, model, tokens = tiny
+  """The NNX module's state is exactly the functional core's params, and merges back."""
+  _, _, model, _ = tiny
   graphdef, state = nnx.split(model)
-  leaves = jax.tree.leaves(state)
-  assert sum(x.size for x in leaves) == sum(x.size for x in jax.tree.leaves(model.params()))
+  params = model.params()
+  assert sum(x.size for x in jax.tree.leaves(state)) == sum(
+      x.size for x in jax.tree.leaves(params))
   merged = nnx.merge(graphdef, state)
-  np.testing.assert_array_equal(np.asarray(merged(jnp.asarray(tokens))),
-                                np.asarray(model(jnp.asarray(tokens))))
+  jax.tree.map(np.testing.assert_array_equal, merged.params(), params)
 
 
 def test_param_shapes_are_checked():
   cfg = finercut_jax.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2,
                                  num_heads=2, num_kv_heads=1, head_dim=4)
-  model = finercut_jax.Llama(cfg)
-  params = model.params()
+  params = jax.tree.map(np.zeros, finercut_jax.model.param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+  finercut_jax.Llama(cfg, params)  # the right shapes are accepted
   params["layers"]["wk"] = params["layers"]["wk"][:, :, :2]
   with pytest.raises(ValueError, match=r"wk.*shape \(2, 8, 2\).*expected \(2, 8, 4\)"):
     finercut_jax.Llama(cfg, params)

@@ -1,0 +1,40 @@
+"""The full set of configuration fields, with defaults; config files under configs/ override them."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.run_dir = ""  # required: where the run's outputs go (resumes if it holds a search)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = "smollm2-135m"  # HF checkpoint dir, .gguf file, or "smollm2-135m"
+  c.model.dtype = "float32"  # parameter and compute dtype: float32 on CPU, bfloat16 on accelerators
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "wikitext2"  # "wikitext2" (paper), "packaged" (offline), or a .txt/.jsonl/.parquet
+  c.data.num_sequences = 10  # N (paper: 10)
+  c.data.seq_len = 256  # T (paper: 256)
+
+  c.search = ml_collections.ConfigDict()
+  c.search.metric = "js"  # js | js_official | kl | angular | logit_l2 | ppl
+  c.search.ratio = 0.25  # fraction of sublayers (of blocks, for pool=blocks) to remove
+  c.search.full_ordering = False  # run every step, not just up to `ratio`
+  c.search.mask_ratios = (0.25,)  # masks and pruned checkpoints written for these ratios
+  c.search.pool = "sublayers"  # sublayers | attn | ffn | blocks
+  c.search.protect_front = ml_collections.config_dict.placeholder(float)  # None: no protection
+  c.search.one_shot = False
+
+  c.scorer = ml_collections.ConfigDict()
+  c.scorer.backend = "jit"  # jit (jit + shard_map) | pmap
+  c.scorer.chunk_width = 1  # candidates per vmapped chunk per device (1 on CPU; 4-16 on GPU/TPU)
+  c.scorer.position_block = 512  # positions per fused LM-head + divergence block
+  c.scorer.mesh_model = 1  # tensor-parallel width; the candidate axis takes the other devices
+  c.scorer.mesh_cand = 0  # 0: all devices not used by the model axis
+
+  c.checkpoint = True  # write Orbax checkpoints of the pruned models
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = False
+  return c

@@ -1,0 +1,28 @@
+r"""Evaluates an existing run: `python -m finercut_jax.evaluate --run_dir=runs/x`.
+
+Evaluation settings come from `finercut_jax.evaluation.default_eval_config()`, overridable as
+`--eval.limit=100 --eval.tasks=piqa,boolq,mmlu --eval.ratios=0.25`. Writes `eval_results.json`,
+the plots and `report.md` into the run directory.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from finercut_jax.evaluation.run import default_eval_config
+
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
+_EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
+                                        "Evaluation settings (see default_eval_config).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from finercut_jax.evaluation.run import evaluate_run
+  evaluate_run(_RUN_DIR.value, _EVAL.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("run_dir")
+  app.run(main)

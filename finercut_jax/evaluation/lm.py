@@ -1,0 +1,251 @@
+"""The model side of evaluation: any dense or pruned model as one jit-compiled scoring engine.
+
+`EvalModel` wraps a `Llama` (dense) or a `PrunedLlama` in the pruned layout (kept attention and
+FFN sublayers stacked apart, plus the schedule), so perplexity, benchmarks, the lm-eval adapter,
+throughput and KV-cache decoding all run one code path, and removed sublayers cost nothing.
+
+Log-likelihood scoring (`loglikelihood_tokens`) follows lm-evaluation-harness: the model reads
+`(context + continuation)[-(max_length+1):][:-1]` and the continuation's tokens are scored at the
+last positions; `is_greedy` says whether argmax decoding reproduces them. Requests are packed into
+rows (requests whose input tokens are identical, e.g. one-token answers to the same prompt, share
+a row), rows are right-padded to a few bucket lengths and batched under a token budget, and only
+the scored positions go through the LM head. The compiled shapes are (rows, bucket length, scored
+slots) from small fixed sets, so nothing recompiles per item.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finercut_jax.config import LlamaConfig
+from finercut_jax.model import Llama, Params, embed, final_logits
+from finercut_jax.pruned import (ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, make_schedule,
+                                 pruned_hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+  """Shapes the scorer compiles for. Lengths beyond the last bucket round up to a multiple of it."""
+  seq_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048)
+  slot_buckets: tuple[int, ...] = (16, 64, 256, 1024)
+  tokens_per_batch: int = 1024  # rows per batch = max(1, tokens_per_batch // bucket length)
+  max_batch: int = 64
+  max_length: int = 2048  # the harness's max_length: longer inputs are truncated on the left
+
+
+@dataclasses.dataclass
+class EvalModel:
+  """A dense or pruned model in the pruned layout: `params` {'embed', 'attn', 'ffn', ...}."""
+  cfg: LlamaConfig
+  params: Params
+  keep: np.ndarray  # [L, 2] bool
+  name: str = "model"
+  dtype: object = None
+
+  @property
+  def schedule(self) -> np.ndarray:
+    return make_schedule(self.keep)
+
+  @property
+  def num_attn(self) -> int:
+    return int(self.keep[:, 0].sum())
+
+  @property
+  def num_ffn(self) -> int:
+    return int(self.keep[:, 1].sum())
+
+  @property
+  def num_removed(self) -> int:
+    return int((~self.keep).sum())
+
+  def num_params(self) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(self.params)))
+
+  @classmethod
+  def wrap(cls, model, name: str | None = None) -> "EvalModel":
+    """From a `Llama`, a `PrunedLlama` or an `EvalModel` (returned unchanged)."""
+    if isinstance(model, EvalModel):
+      return model
+    if isinstance(model, PrunedLlama):
+      return cls(model.config, model.params(), np.asarray(model.keep, bool),
+                 name or "pruned", model.dtype)
+    if isinstance(model, Llama):
+      return cls.from_dense(model.config, model.params(), name=name or "dense", dtype=model.dtype)
+    raise TypeError(f"cannot evaluate a {type(model).__name__}: pass a Llama or a PrunedLlama")
+
+  @classmethod
+  def from_dense(cls, cfg: LlamaConfig, params: Params, keep=None, *, name: str = "dense",
+                 dtype=None) -> "EvalModel":
+    """Dense params with an optional keep mask; the all-kept case shares the dense arrays."""
+    L = cfg.num_layers
+    keep = np.ones((L, 2), bool) if keep is None else np.asarray(keep, bool)
+    layers = params["layers"]
+    if keep.all():
+      pruned = {k: v for k, v in params.items() if k != "layers"}
+      pruned["attn"] = {k: layers[k] for k in ATTN_PARAM_NAMES}
+      pruned["ffn"] = {k: layers[k] for k in FFN_PARAM_NAMES}
+    else:
+      from finercut_jax.pruned import prune_params
+      pruned = prune_params(params, keep)
+    return cls(cfg, pruned, keep, name, dtype)
+
+  @property
+  def compute_dtype(self):
+    return self.dtype or self.params["embed"].dtype
+
+  # -------------------------------------------------------------------------- compiled calls
+
+  def score_slots(self, tokens: np.ndarray, slot_pos: np.ndarray, slot_tgt: np.ndarray):
+    """Log-probabilities and greedy flags `[B, C]` of `slot_tgt` at positions `slot_pos`."""
+    return _score_slots(self.params, jnp.asarray(self.schedule), jnp.asarray(tokens),
+                        jnp.asarray(slot_pos), jnp.asarray(slot_tgt), cfg=self.cfg,
+                        dtype=jnp.dtype(self.compute_dtype).name)
+
+  def logits(self, tokens: np.ndarray) -> jax.Array:
+    """Full logits `[B, T, V]` (float32); for tests and small inputs."""
+    return _logits(self.params, jnp.asarray(self.schedule), jnp.asarray(tokens), cfg=self.cfg,
+                   dtype=jnp.dtype(self.compute_dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _logits(params, schedule, tokens, *, cfg, dtype):
+  h = pruned_hidden(params, cfg, schedule, embed(params, tokens, jnp.dtype(dtype)))
+  return final_logits(params, h, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _score_slots(params, schedule, tokens, slot_pos, slot_tgt, *, cfg, dtype):
+  h = pruned_hidden(params, cfg, schedule, embed(params, tokens, jnp.dtype(dtype)))
+  # Only the scored positions go through the LM head: [B, C, D] -> [B, C, V].
+  h = jnp.take_along_axis(h, slot_pos[..., None], axis=1)
+  logp = jax.nn.log_softmax(final_logits(params, h, cfg), axis=-1)
+  target_logp = jnp.take_along_axis(logp, slot_tgt[..., None], axis=-1)[..., 0]
+  greedy = jnp.argmax(logp, axis=-1) == slot_tgt
+  return target_logp, greedy
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= n; beyond the last, the next multiple of the last bucket."""
+  for b in buckets:
+    if n <= b:
+      return b
+  last = buckets[-1]
+  return -(-n // last) * last
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Row:
+  tokens: tuple
+  slots: list  # (request index, position, target token)
+
+
+def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                         config: ScoringConfig | None = None) -> list[tuple[float, bool]]:
+  """`(sum of log p(continuation | context), is_greedy)` per `(context_ids, continuation_ids)`.
+
+  The context must hold at least one token (the harness puts BOS/EOS there for empty contexts).
+  """
+  config = config or ScoringConfig()
+  rows: dict[tuple, _Row] = {}
+  for i, (ctx, cont) in enumerate(requests):
+    ctx, cont = list(ctx), list(cont)
+    if not cont:
+      raise ValueError(f"request {i} has an empty continuation")
+    if not ctx:
+      raise ValueError(f"request {i} has an empty context: prefix it with BOS/EOS")
+    whole = (ctx + cont)[-(config.max_length + 1):]
+    inp = tuple(whole[:-1])
+    n_cont = min(len(cont), len(inp))
+    start = len(inp) - n_cont
+    row = rows.setdefault(inp, _Row(inp, []))
+    for j in range(n_cont):
+      row.slots.append((i, start + j, whole[start + j + 1]))
+
+  groups: dict[tuple[int, int], list[_Row]] = {}
+  for row in rows.values():
+    S = bucket(len(row.tokens), config.seq_buckets)
+    C = min(bucket(len(row.slots), config.slot_buckets), max(S, len(row.slots)))
+    groups.setdefault((S, C), []).append(row)
+
+  logp = np.zeros(len(requests), np.float64)
+  greedy = np.ones(len(requests), bool)
+  for (S, C), group in sorted(groups.items()):
+    per_batch = max(1, min(config.max_batch, config.tokens_per_batch // S))
+    for b0 in range(0, len(group), per_batch):
+      batch = group[b0:b0 + per_batch]
+      # The last, partial batch is padded to a power of two rows, not to a full batch.
+      B = min(per_batch, _pow2_at_least(len(batch)))
+      tokens = np.zeros((B, S), np.int32)
+      pos = np.zeros((B, C), np.int32)
+      tgt = np.zeros((B, C), np.int32)
+      for r, row in enumerate(batch):
+        tokens[r, :len(row.tokens)] = row.tokens
+        for c, (_, p, t) in enumerate(row.slots):
+          pos[r, c], tgt[r, c] = p, t
+      lp, gr = model.score_slots(tokens, pos, tgt)
+      lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+      for r, row in enumerate(batch):
+        for c, (i, _, _) in enumerate(row.slots):
+          logp[i] += lp[r, c]
+          greedy[i] &= bool(gr[r, c])
+  return [(float(l), bool(g)) for l, g in zip(logp, greedy)]
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+  """Token ids as lm-eval 0.4.13's HFLM makes them: with `add_special_tokens=None` the tokenizer's
+  own default (a Llama-3 tokenizer prepends BOS, SmolLM2's adds nothing), except that a string
+  already starting with the prefix token's text gets none added."""
+  kwargs = {}
+  if add_special_tokens is not None:
+    kwargs["add_special_tokens"] = add_special_tokens
+  else:
+    prefix = tokenizer.decode([prefix_token_id(tokenizer)])
+    if prefix and text.startswith(prefix):
+      kwargs["add_special_tokens"] = False
+  return list(tokenizer.encode(text, **kwargs))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """lm-eval's split: trailing context spaces move to the continuation; the continuation's ids
+  are the whole string's ids after the context's (so a merge across the boundary is scored as
+  the model would have produced it)."""
+  n_spaces = len(context) - len(context.rstrip())
+  if n_spaces:
+    continuation = context[-n_spaces:] + continuation
+    context = context[:-n_spaces]
+  whole = encode(tokenizer, context + continuation)
+  ctx = encode(tokenizer, context)
+  return ctx, whole[len(ctx):]
+
+
+def prefix_token_id(tokenizer) -> int:
+  """What conditions an empty context: BOS, else EOS (as lm-eval's HFLM)."""
+  if tokenizer.bos_token_id is not None:
+    return int(tokenizer.bos_token_id)
+  return int(tokenizer.eos_token_id)
+
+
+def loglikelihood(model: EvalModel, tokenizer, pairs: Sequence[tuple[str, str]],
+                  config: ScoringConfig | None = None) -> list[tuple[float, bool]]:
+  """Harness-style log-likelihood of `(context, continuation)` string pairs."""
+  requests = []
+  for context, continuation in pairs:
+    if context == "":
+      cont = encode(tokenizer, continuation, add_special_tokens=False)
+      bos = prefix_token_id(tokenizer)
+      requests.append(([bos], cont) if cont[0] != bos else (cont[:1], cont[1:]))
+    else:
+      requests.append(encode_pair(tokenizer, context, continuation))
+  return loglikelihood_tokens(model, requests, config)

@@ -1,0 +1,71 @@
+"""Perplexity on held-out text: non-overlapping windows of T tokens, each scored on its own.
+
+Held-out means never the calibration tokens: the calibration set is the first N*T tokens of its
+source's stream (`data.calibration_tokens`), so for the same source the evaluation text starts at
+offset N*T. Each window predicts its tokens 1..T-1 from the ones before (T-1 predictions per
+window); perplexity is exp of the mean negative log-likelihood over all predictions.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finercut_jax.evaluation.lm import EvalModel
+from finercut_jax.model import embed, final_logits
+from finercut_jax.pruned import pruned_hidden
+
+
+class HeldOutError(ValueError):
+  """Not enough held-out text."""
+
+
+def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int) -> np.ndarray:
+  """`num_tokens` ids of `source`'s token stream starting at `offset` (the calibration set's end)."""
+  from finercut_jax.data import token_stream
+  stream = token_stream(tokenizer, source)
+  available = len(stream) - offset
+  if available < 2:
+    raise HeldOutError(f"text source {source!r} has {len(stream)} tokens: nothing is left after "
+                       f"the {offset} calibration tokens for held-out perplexity")
+  return np.asarray(stream[offset:offset + num_tokens], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def window_nll(params, schedule, windows, *, cfg, dtype):
+  """Summed next-token NLL of each window `[B, T]` over its T-1 predictions, float32 `[B]`."""
+  h = pruned_hidden(params, cfg, schedule, embed(params, windows, jnp.dtype(dtype)))
+  logp = jax.nn.log_softmax(final_logits(params, h[:, :-1], cfg), axis=-1)
+  tgt = jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
+  return -jnp.sum(tgt, axis=-1)
+
+
+def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 4) -> dict:
+  """Perplexity of `model` on 1-D `tokens` cut into non-overlapping windows of `seq_len`.
+
+  A tail shorter than a window is dropped (every prediction then has the same context budget).
+  """
+  model = EvalModel.wrap(model)
+  tokens = np.asarray(tokens, np.int32).reshape(-1)
+  n = len(tokens) // seq_len
+  if n == 0:
+    raise HeldOutError(f"{len(tokens)} held-out tokens make no window of {seq_len}")
+  windows = tokens[:n * seq_len].reshape(n, seq_len)
+  schedule = jnp.asarray(model.schedule)
+  dtype = jnp.dtype(model.compute_dtype).name
+  batch_size = min(batch_size, n)
+  total = 0.0
+  for b0 in range(0, n, batch_size):
+    batch = windows[b0:b0 + batch_size]
+    real = len(batch)
+    if real < batch_size:  # pad with copies so one shape compiles; their NLL is dropped
+      batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
+    nll = window_nll(model.params, schedule, jnp.asarray(batch), cfg=model.cfg, dtype=dtype)
+    total += float(np.asarray(nll, np.float64)[:real].sum())
+  count = n * (seq_len - 1)
+  mean = total / count
+  return {"perplexity": math.exp(mean), "nll": mean, "num_predictions": count,
+          "num_windows": n, "seq_len": seq_len}

@@ -1,0 +1,132 @@
+"""`report.md` of a run: what was removed, what it cost, what it bought, with the pictures."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from finercut_jax.evaluation.benchmarks import DISPLAY, results_table
+
+
+def _fmt_int(n) -> str:
+  return f"{int(n):,}"
+
+
+def _removed_blocks(keep) -> tuple[list[int], list[int]]:
+  keep = np.asarray(keep, bool)
+  return (np.flatnonzero(~keep[:, 0]).tolist(), np.flatnonzero(~keep[:, 1]).tolist())
+
+
+def render(results: dict, ranking: dict | None = None, run_config: dict | None = None) -> str:
+  models = results["models"]
+  ordered = [models["dense"]] if "dense" in models else []
+  ordered += sorted((m for k, m in models.items() if k != "dense"), key=lambda m: m["ratio"])
+  L = len(ordered[0]["keep"]) if ordered else 0
+  ec = results.get("eval_config", {})
+  lines = [f"# FinerCut run report: {results.get('model') or ''}", ""]
+  if run_config:
+    d, s = run_config.get("data", {}), run_config.get("search", {})
+    lines += [f"- model: `{run_config.get('model', {}).get('path')}` "
+              f"({run_config.get('model', {}).get('dtype')}), {L} blocks = {2 * L} sublayers",
+              f"- calibration: `{d.get('source')}`, {d.get('num_sequences')} x {d.get('seq_len')} "
+              f"tokens; metric `{s.get('metric')}`, pool `{s.get('pool')}`"]
+  if ranking and ranking.get("steps"):
+    secs = sum(float(st.get("seconds", 0.0)) for st in ranking["steps"])
+    lines.append(f"- search: {len(ranking['steps'])} greedy steps, {secs:.1f} s")
+  lines.append("")
+
+  lines += ["## Pruned models", "",
+            "| Model | Removed | Attention removed (blocks) | FFN removed (blocks) |",
+            "|---|---|---|---|"]
+  for m in ordered:
+    attn, ffn = _removed_blocks(m["keep"])
+    lines.append(f"| {m['name']} | {m['num_removed']} / {2 * L} "
+                 f"({len(attn)} attn, {len(ffn)} ffn) | {attn or '–'} | {ffn or '–'} |")
+  lines.append("")
+
+  bench_rows = [{"name": m["name"], "removed": f"{m['num_removed']}/{2 * L}",
+                 "results": m["benchmarks"]} for m in ordered if m.get("benchmarks")]
+  if bench_rows:
+    limits = ordered[0].get("limits", {})
+    lim = sorted({v for v in limits.values()}, key=lambda v: (v is None, v or 0))
+    lines += ["## Benchmarks", "",
+              "Percent; metric per task as in the paper (acc_norm for ARC, HellaSwag, PIQA, "
+              "OpenBookQA; acc otherwise), lm-eval-harness scoring. Documents per task: "
+              + ", ".join(f"{DISPLAY[t]} {ordered[0]['benchmarks'][t]['num_docs']}"
+                          for t in ordered[0]["benchmarks"])
+              + (f" (limit {', '.join(str(v) for v in lim)}; MMLU's is per subject)"
+                 if any(v is not None for v in lim) else "") + ".", "",
+              results_table(bench_rows), ""]
+    extra = []
+    for m in ordered:
+      lam = m["benchmarks"].get("lambada")
+      if lam:
+        extra.append(f"{m['name']}: {lam['perplexity']:.2f}")
+    if extra:
+      lines += ["LAMBADA perplexity (target word): " + "; ".join(extra) + ".", ""]
+
+  if any("perplexity" in m for m in ordered):
+    p0 = next(m["perplexity"] for m in ordered if "perplexity" in m)
+    lines += ["## Held-out perplexity", "",
+              f"`{p0['source']}` tokens {p0['offset']}..{p0['offset'] + p0['num_tokens']} "
+              f"(after the calibration tokens), non-overlapping windows of {p0['seq_len']}.", "",
+              "| Model | Perplexity | NLL / token | Predictions |", "|---|---|---|---|"]
+    for m in ordered:
+      if "perplexity" in m:
+        p = m["perplexity"]
+        lines.append(f"| {m['name']} | {p['perplexity']:.3f} | {p['nll']:.4f} | "
+                     f"{p['num_predictions']} |")
+    lines.append("")
+
+  if any("throughput" in m for m in ordered):
+    t0 = next(m["throughput"] for m in ordered if "throughput" in m)
+    lines += ["## What pruning buys", "",
+              f"Measured on {t0['device']}: batch {t0['batch_size']}, prompt {t0['prompt_len']} "
+              f"tokens, {t0['decode_steps']} greedy decode steps with the KV cache; medians of "
+              f"{t0['repeats']} repeats. FLOPs are analytic forward FLOPs per token.", "",
+              "| Model | Params | FLOPs/token (prefill) | FLOPs/token (decode) | Prefill tok/s | "
+              "Decode tok/s | Params vs dense | Prefill speedup | Decode speedup |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m in ordered:
+      if "throughput" not in m:
+        continue
+      t = m["throughput"]
+      rel = m.get("throughput_vs_dense", {})
+      lines.append(
+          f"| {m['name']} | {_fmt_int(t['params'])} | {t['flops_per_token_prefill'] / 1e6:.1f} M"
+          f" | {t['flops_per_token_decode'] / 1e6:.1f} M | {t['prefill_tokens_per_s']:.1f} | "
+          f"{t['decode_tokens_per_s']:.1f} | "
+          + (f"{100 * rel['params']:.1f}% | {rel['prefill_tokens_per_s']:.2f}x | "
+             f"{rel['decode_tokens_per_s']:.2f}x |" if rel else "100% | 1.00x | 1.00x |"))
+    lines.append("")
+
+  pics = results.get("plots", {})
+  captions = {"layer_map": "Removed sublayers per ratio (colour: the greedy step that removed it)",
+              "scores": "Score of the removed candidate at each greedy step",
+              "metrics_vs_ratio": "Benchmark average and held-out perplexity vs pruning ratio "
+                                  "(dashed: dense)"}
+  if pics:
+    lines += ["## Pictures", ""]
+    for key, name in pics.items():
+      lines += [f"![{captions.get(key, key)}]({name})", "", f"*{captions.get(key, key)}*", ""]
+  if ec:
+    lines += ["## Evaluation settings", "", "```", _config_text(ec), "```", ""]
+  return "\n".join(lines)
+
+
+def _config_text(d: dict, indent: str = "") -> str:
+  out = []
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.append(f"{indent}{k}:")
+      out.append(_config_text(v, indent + "  "))
+    else:
+      out.append(f"{indent}{k}: {v}")
+  return "\n".join(out)
+
+
+def write_report(run_dir: str, results: dict, ranking=None, run_config=None) -> str:
+  from finercut_jax.io import atomic_write_bytes
+  path = os.path.join(run_dir, "report.md")
+  atomic_write_bytes(path, render(results, ranking, run_config).encode())
+  return path

@@ -1,0 +1,190 @@
+"""Evaluating a search run: the dense model and the pruned model at every ratio of `masks.json`.
+
+`evaluate_run(run_dir, eval_config)` writes into the run directory
+  eval_results.json    per model: perplexity, benchmarks, throughput (rewritten after each model,
+                       so an interrupted evaluation keeps what it finished)
+  layer_map.png, score_per_step.png, metrics_vs_ratio.png
+  report.md            the tables and the pictures together
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from finercut_jax.evaluation import benchmarks, perplexity, plots, report, throughput
+from finercut_jax.evaluation.lm import EvalModel, ScoringConfig
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+  """Defaults sized for SmolLM2-135M on a 2-core CPU: dense + one ratio in a few minutes.
+
+  Raise `limit` (the paper: 1000) and add "mmlu" to `tasks` on an accelerator. MMLU's limit is
+  per subject (57 subjects, 5-shot prompts of ~600 tokens), as `lm_eval --limit` does.
+  """
+  c = ml_collections.ConfigDict()
+  c.enabled = True
+  # Comma-separated; any of arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
+  # openbookqa, lambada, mmlu.
+  c.tasks = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,openbookqa,lambada"
+  c.limit = 6  # first documents per task (MMLU: per subject); 0 = all
+  c.mmlu_limit = config_dict.placeholder(int)  # per-subject limit for MMLU; None: `limit`
+  c.ratios = ""  # comma-separated subset of masks.json's ratios; "": all of them
+
+  c.perplexity = ml_collections.ConfigDict()
+  c.perplexity.enabled = True
+  c.perplexity.source = ""  # "": the calibration source, from its end (held out)
+  c.perplexity.num_tokens = 1024
+  c.perplexity.seq_len = 0  # 0: the calibration sequence length
+  c.perplexity.batch_size = 2
+
+  c.throughput = ml_collections.ConfigDict()
+  c.throughput.enabled = True
+  c.throughput.batch_size = 1
+  c.throughput.prompt_len = 64
+  c.throughput.decode_steps = 16
+  c.throughput.repeats = 3
+
+  c.scoring = ml_collections.ConfigDict()
+  c.scoring.seq_buckets = "32,64,128,256,512,768,1024,1536,2048"
+  c.scoring.slot_buckets = "16,64,256,1024"
+  c.scoring.tokens_per_batch = 1024  # 8192+ on accelerators
+  c.scoring.max_batch = 64
+  c.scoring.max_length = 2048
+
+  c.plots = True
+  return c
+
+
+def _csv(value) -> list[str]:
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  return [str(v) for v in value]
+
+
+def scoring_config(c) -> ScoringConfig:
+  return ScoringConfig(
+      seq_buckets=tuple(int(v) for v in _csv(c.seq_buckets)),
+      slot_buckets=tuple(int(v) for v in _csv(c.slot_buckets)),
+      tokens_per_batch=int(c.tokens_per_batch), max_batch=int(c.max_batch),
+      max_length=int(c.max_length))
+
+
+def _read_json(path, default=None):
+  if not os.path.isfile(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def heldout_for_run(run_config: dict, tokenizer, eval_config) -> tuple[np.ndarray, dict]:
+  """Held-out perplexity tokens for a run, and where they came from."""
+  data_cfg = run_config.get("data", {})
+  calib_source = data_cfg.get("source", "packaged")
+  n, t = int(data_cfg.get("num_sequences", 10)), int(data_cfg.get("seq_len", 256))
+  source = eval_config.perplexity.source or calib_source
+  # The calibration set is the first N*T tokens of its source: start after it.
+  offset = n * t if source == calib_source else 0
+  tokens = perplexity.heldout_tokens(tokenizer, source, offset, eval_config.perplexity.num_tokens)
+  return tokens, {"source": source, "offset": offset, "num_tokens": int(len(tokens)),
+                  "seq_len": int(eval_config.perplexity.seq_len or t)}
+
+
+def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, scoring=None,
+                   log=print) -> dict:
+  """Perplexity, benchmarks and throughput of one model, as a JSON-ready dict."""
+  out: dict = {"name": model.name, "num_removed": model.num_removed,
+               "num_attn": model.num_attn, "num_ffn": model.num_ffn,
+               "keep": model.keep.tolist()}
+  start = time.perf_counter()
+  if eval_config.perplexity.enabled and heldout is not None:
+    tokens, info = heldout
+    out["perplexity"] = {**perplexity.perplexity(model, tokens, info["seq_len"],
+                                                 eval_config.perplexity.batch_size), **info}
+    log(f"  {model.name}: held-out perplexity {out['perplexity']['perplexity']:.3f}")
+  tasks = _csv(eval_config.tasks)
+  if tasks:
+    limit = int(eval_config.limit) or None
+    limits = {t: limit for t in tasks}
+    if "mmlu" in limits and eval_config.get("mmlu_limit") is not None:
+      limits["mmlu"] = int(eval_config.mmlu_limit) or None
+    results = benchmarks.evaluate_tasks(model, tokenizer, tasks, limits, scoring=scoring, log=log)
+    out["benchmarks"] = {t: r.summary() for t, r in results.items()}
+    out["average"] = benchmarks.average(results)
+    out["limits"] = limits
+  if eval_config.throughput.enabled:
+    tp = eval_config.throughput
+    out["throughput"] = throughput.measure(model, batch_size=tp.batch_size,
+                                           prompt_len=tp.prompt_len,
+                                           decode_steps=tp.decode_steps, repeats=tp.repeats)
+    log(f"  {model.name}: prefill {out['throughput']['prefill_tokens_per_s']:.1f} tok/s, "
+        f"decode {out['throughput']['decode_tokens_per_s']:.1f} tok/s")
+  out["seconds"] = time.perf_counter() - start
+  return out
+
+
+def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
+  """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report."""
+  from finercut_jax import checkpoint
+  from finercut_jax.io import atomic_write_json
+  eval_config = eval_config or default_eval_config()
+  run_config = _read_json(os.path.join(run_dir, "config.json"))
+  if run_config is None:
+    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
+  masks = _read_json(os.path.join(run_dir, "masks.json"), {})
+  ranking = _read_json(os.path.join(run_dir, "ranking.json"))
+  wanted = _csv(eval_config.ratios)
+  ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
+                  key=float)
+  scoring = scoring_config(eval_config.scoring)
+
+  log(f"evaluating {run_dir}: dense + ratios {ratios}")
+  dense_model, tokenizer = checkpoint.load_source_model(run_dir)
+  dense = EvalModel.wrap(dense_model, "dense")
+  heldout = heldout_for_run(run_config, tokenizer, eval_config) \
+      if eval_config.perplexity.enabled else None
+  results = {"run_dir": os.path.abspath(run_dir), "model": (ranking or {}).get("model") or
+             run_config.get("model", {}).get("path"),
+             "eval_config": json.loads(eval_config.to_json()), "models": {}}
+  path = os.path.join(run_dir, "eval_results.json")
+
+  def record(key, entry):
+    results["models"][key] = entry
+    atomic_write_json(path, results)
+
+  record("dense", {"ratio": 0.0, **evaluate_model(dense, tokenizer, eval_config,
+                                                  heldout=heldout, scoring=scoring, log=log)})
+  for ratio in ratios:
+    keep = np.asarray(masks[ratio], bool)
+    source = "checkpoint"
+    try:
+      pruned_model, _ = checkpoint.load_pruned(run_dir, float(ratio))
+      model = EvalModel.wrap(pruned_model, f"ratio {float(ratio):g}")
+      if not np.array_equal(model.keep, keep):
+        raise ValueError(f"the checkpoint's keep mask differs from masks.json at ratio {ratio}")
+    except FileNotFoundError:
+      # No checkpoint written (config.checkpoint=False): prune the dense weights by the mask.
+      source = "mask"
+      model = EvalModel.from_dense(dense.cfg, dense_model.params(), keep,
+                                   name=f"ratio {float(ratio):g}", dtype=dense.dtype)
+    entry = evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
+                           log=log)
+    entry.update(ratio=float(ratio), source=source)
+    if "throughput" in entry and "throughput" in results["models"]["dense"]:
+      entry["throughput_vs_dense"] = throughput.relative_to(
+          results["models"]["dense"]["throughput"], entry["throughput"])
+    record(ratio, entry)
+    del model
+
+  if eval_config.plots:
+    results["plots"] = {k: os.path.basename(v) for k, v in
+                        plots.make_plots(run_dir, ranking, {r: masks[r] for r in ratios} or masks,
+                                         results).items()}
+    atomic_write_json(path, results)
+  report.write_report(run_dir, results, ranking, run_config)
+  log(f"wrote {path} and {os.path.join(run_dir, 'report.md')}")
+  return results

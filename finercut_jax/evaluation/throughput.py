@@ -1,0 +1,102 @@
+"""What pruning buys: parameters, FLOPs per token, and measured prefill and decode throughput.
+
+FLOPs are analytic (2 per multiply-add, forward pass only, norms and softmax ignored):
+  attention sublayer  2*D*(H*hd + 2*KV*hd) + 2*H*hd*D   projections
+                      + 4*H*hd*ctx                       scores and weighted values over ctx keys
+  FFN sublayer        6*D*F                              gate, up, down
+  LM head             2*D*V
+Prefill FLOPs per token use the mean causal context of a prompt of P tokens, (P+1)/2; decode
+FLOPs per token the context at the middle of the decoded span.
+
+Throughput is measured with the KV-cache engine (`decode.py`) on identical token ids for every
+model: prefill = one jitted call on `[B, P]` prompts, decode = one jitted `lax.scan` of greedy
+steps after it; each is timed after a compile-and-warm-up call, repeated, and the median kept.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finercut_jax.config import LlamaConfig
+from finercut_jax.evaluation import decode
+from finercut_jax.evaluation.lm import EvalModel
+
+
+def flops_per_token(cfg: LlamaConfig, keep, context: float) -> dict:
+  """Forward FLOPs per token of the model `keep` `[L, 2]` at `context` attended keys."""
+  keep = np.asarray(keep, bool)
+  D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  attn = 2 * D * (q + 2 * kv) + 2 * q * D + 4 * q * context
+  ffn = 6 * D * F
+  head = 2 * D * V
+  n_attn, n_ffn = int(keep[:, 0].sum()), int(keep[:, 1].sum())
+  return {"total": n_attn * attn + n_ffn * ffn + head, "attn": n_attn * attn,
+          "ffn": n_ffn * ffn, "lm_head": head}
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure(model, *, batch_size: int = 1, prompt_len: int = 128, decode_steps: int = 32,
+            repeats: int = 3, seed: int = 0, tokens: np.ndarray | None = None) -> dict:
+  """Parameters, FLOPs per token and measured prefill / decode tokens per second."""
+  model = EvalModel.wrap(model)
+  cfg = model.cfg
+  if tokens is None:
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch_size, prompt_len))
+  tokens = jnp.asarray(np.asarray(tokens, np.int32).reshape(batch_size, prompt_len))
+  lengths = jnp.full((batch_size,), prompt_len, jnp.int32)
+  max_len = prompt_len + decode_steps + 1
+  dtype = jnp.dtype(model.compute_dtype)
+  sched = jnp.asarray(model.schedule)
+
+  def run_prefill():
+    cache = decode.init_cache(cfg, model.num_attn, batch_size, max_len, dtype)
+    return decode.prefill(model.params, sched, tokens, lengths, cache, cfg=cfg, dtype=dtype.name)
+
+  run_prefill()  # compile
+  prefill_s = _median_time(lambda: run_prefill()[0], repeats)
+
+  def run_decode(logits, cache):
+    return decode.greedy_steps(model.params, sched, logits, cache, lengths, cfg=cfg,
+                               dtype=dtype.name, num_steps=decode_steps)
+
+  jax.block_until_ready(run_decode(*run_prefill()))  # compile
+  decode_times = []
+  for _ in range(repeats):
+    logits, cache = jax.block_until_ready(run_prefill())
+    start = time.perf_counter()
+    jax.block_until_ready(run_decode(logits, cache))
+    decode_times.append(time.perf_counter() - start)
+  decode_s = float(np.median(decode_times))
+
+  prefill_flops = flops_per_token(cfg, model.keep, (prompt_len + 1) / 2)
+  decode_flops = flops_per_token(cfg, model.keep, prompt_len + decode_steps / 2)
+  return {
+      "params": model.num_params(),
+      "num_attn": model.num_attn, "num_ffn": model.num_ffn,
+      "flops_per_token_prefill": prefill_flops["total"],
+      "flops_per_token_decode": decode_flops["total"],
+      "prefill_tokens_per_s": batch_size * prompt_len / prefill_s,
+      "decode_tokens_per_s": batch_size * decode_steps / decode_s,
+      "prefill_seconds": prefill_s, "decode_seconds": decode_s,
+      "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
+      "repeats": repeats, "device": jax.devices()[0].device_kind,
+  }
+
+
+def relative_to(dense: dict, pruned: dict) -> dict:
+  """Pruned / dense ratios of the quantities `measure` reports."""
+  keys = ("params", "flops_per_token_prefill", "flops_per_token_decode", "prefill_tokens_per_s",
+          "decode_tokens_per_s")
+  return {k: pruned[k] / dense[k] for k in keys if dense.get(k)}

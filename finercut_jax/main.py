@@ -1,0 +1,138 @@
+r"""Runs a FinerCut search: `python -m finercut_jax.main --config=configs/smollm2_135m.py`.
+
+Any config field can be overridden, e.g. `--config.search.ratio=0.3 --config.run_dir=runs/x`.
+Rerunning the same command on the same run directory resumes an interrupted search.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.")
+
+
+class ConfigError(ValueError):
+  """The configuration asks for something impossible."""
+
+
+def validate(config) -> None:
+  """Checks everything that can be checked before any file is written."""
+  from finercut_jax import divergence, search
+  from finercut_jax.scorer import BACKENDS
+  if not config.run_dir:
+    raise ConfigError("config.run_dir is empty: set --config.run_dir=runs/<name>")
+  divergence.check_metric(config.search.metric)
+  if config.search.pool not in search.POOLS:
+    raise ConfigError(f"unknown search.pool {config.search.pool!r}; choose one of {search.POOLS}")
+  for r in (config.search.ratio, *config.search.mask_ratios):
+    if not 0.0 < r < 1.0:
+      raise ConfigError(f"pruning ratio must be in (0, 1), got {r}")
+  if not config.search.full_ordering and max(config.search.mask_ratios, default=0) > config.search.ratio:
+    raise ConfigError(f"search.mask_ratios {tuple(config.search.mask_ratios)} go beyond "
+                      f"search.ratio={config.search.ratio}; raise the ratio or set full_ordering")
+  if config.scorer.backend not in BACKENDS:
+    raise ConfigError(f"unknown scorer.backend {config.scorer.backend!r}; choose one of {BACKENDS}")
+
+
+def run(config) -> str:
+  """Runs (or resumes) the search of `config`; returns the run directory."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from tqdm import tqdm
+
+  from finercut_jax import checkpoint, data, io, loading, search, sharding
+  from finercut_jax.scorer import Scorer
+
+  validate(config)
+  dtype = jnp.dtype(config.model.dtype)
+  model_path = loading.resolve_path(config.model.path)
+  model_cfg = loading.load_config(model_path)  # a missing or unsupported checkpoint fails here
+  spec = search.SearchSpec(
+      num_layers=model_cfg.num_layers, pool=config.search.pool,
+      num_steps=None if config.search.full_ordering else search.steps_needed(
+          config.search.ratio, model_cfg.num_layers, config.search.pool),
+      protect_front=config.search.protect_front, one_shot=config.search.one_shot)
+  tokenizer = loading.load_tokenizer(model_path)
+  tokens = data.calibration_tokens(tokenizer, config.data.source, config.data.num_sequences,
+                                   config.data.seq_len)
+
+  run_dir = config.run_dir
+  os.makedirs(run_dir, exist_ok=True)
+  tokens_path = os.path.join(run_dir, "calibration_tokens.npy")
+  if os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens):
+    raise ConfigError(f"{tokens_path} differs from this config's calibration tokens; "
+                      f"use a new run_dir")
+  io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
+  io.atomic_save_npy(tokens_path, tokens)
+
+  mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
+  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
+  model_cfg, params = loading.load_params(model_path, dtype, sharding.param_sharding_fn(mesh))
+  scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
+                  chunk_width=config.scorer.chunk_width,
+                  position_block=config.scorer.position_block, mesh=mesh,
+                  backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()))
+
+  bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout)
+
+  def on_step(record):
+    stats = record.get("stats") or {}
+    bar.set_postfix_str(
+        f"removed {record['kind']}{record['block']} score={record['score']:.4g} "
+        f"{record['seconds']:.1f}s evals={stats.get('evaluation_fraction', 0):.2f}x "
+        f"{stats.get('flops_per_second', 0) / 1e9:.1f} GFLOP/s")
+    bar.update(1)
+
+  fingerprint = {"model": model_path, "dtype": config.model.dtype,
+                 "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+                 "metric": config.search.metric}
+  steps = search.greedy_search(scorer, spec, state_path=os.path.join(run_dir, "search_state.json"),
+                               fingerprint=fingerprint, on_step=on_step)
+  bar.close()
+
+  ranking = {"model": model_path, "num_layers": model_cfg.num_layers, "pool": spec.pool,
+             "metric": config.search.metric, "steps": [
+                 {k: v for k, v in r.items() if k != "scores"} for r in steps]}
+  io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking)
+  masks = {}
+  for ratio in sorted(set(config.search.mask_ratios) | {config.search.ratio}):
+    n = search.steps_needed(ratio, model_cfg.num_layers, spec.pool)
+    keep = search.keep_mask(model_cfg.num_layers, [r["sublayers"] for r in steps[:n]])
+    masks[f"{ratio:g}"] = keep.tolist()
+    if config.checkpoint:
+      checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, ratio), model_cfg, params, keep,
+                             tokenizer=tokenizer, source=model_path)
+  io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)
+  removed = steps[:search.steps_needed(config.search.ratio, model_cfg.num_layers, spec.pool)]
+  print(f"removed {len(removed)} at ratio {config.search.ratio:g}: " + ", ".join(
+      f"{r['kind']}{r['block']}" for r in removed))
+  print(f"attention sublayers among them: {sum(r['kind'] == 'attn' for r in removed)}")
+
+  if config.eval.enabled:
+    from finercut_jax.evaluation import evaluate_run
+    evaluate_run(run_dir, config.eval)
+  print(f"run directory: {run_dir}")
+  return run_dir
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    run(_CONFIG.value)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

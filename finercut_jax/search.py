@@ -1,0 +1,149 @@
+"""The greedy FinerCut search, its variants, and its resumable state.
+
+Step t scores every remaining candidate c as D(S_t + {c}) and removes the argmin (ties: the
+lowest sublayer id). The ordering this produces is the whole result: the pruned model at any
+ratio is a prefix of it. The state is written atomically after every step, so rerunning the same
+search on the same state file resumes where it stopped and ends with the identical ordering.
+
+Variants (DESIGN.md section 2): candidate pools `sublayers` (attention and FFN, the default),
+`attn`, `ffn`, `blocks` (both sublayers of a block at once: the block-level baseline); a protected
+front fraction; one-shot (rank every candidate once against the dense model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from finercut_jax.io import atomic_write_json
+from finercut_jax.scorer import Candidate, Scorer
+
+POOLS = ("sublayers", "attn", "ffn", "blocks")
+KIND_NAMES = ("attn", "ffn")
+
+
+class SearchStateError(ValueError):
+  """The state file belongs to a different search."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+  num_layers: int
+  pool: str = "sublayers"
+  num_steps: int | None = None  # None: the full ordering
+  protect_front: float | None = None
+  one_shot: bool = False
+
+  def __post_init__(self):
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown candidate pool {self.pool!r}; choose one of {', '.join(POOLS)}")
+    if self.protect_front is not None and not 0.0 <= self.protect_front < 1.0:
+      raise ValueError(f"protect_front must be in [0, 1), got {self.protect_front}")
+    if self.num_steps is not None and not 0 < self.num_steps <= len(self.pool_candidates()):
+      raise ValueError(f"{self.num_steps} removal steps requested but the {self.pool!r} pool has "
+                       f"{len(self.pool_candidates())} candidates")
+
+  def pool_candidates(self) -> list[Candidate]:
+    L = self.num_layers
+    if self.pool == "blocks":
+      return [Candidate(2 * l, 2 * l + 2) for l in range(L)]
+    kinds = {"sublayers": (0, 1), "attn": (0,), "ffn": (1,)}[self.pool]
+    return [Candidate(2 * l + k, 2 * l + k + 1) for l in range(L) for k in kinds]
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_steps or len(self.pool_candidates())
+
+  def protected_blocks(self, num_removed: int) -> int:
+    """How many front blocks are not yet candidates. The official code's rule: with n candidates
+    and fraction x, blocks 0..int(n*x/2) are held out until int(n*x)+1 removals."""
+    if self.protect_front is None:
+      return 0
+    n = len(self.pool_candidates())
+    if num_removed >= int(n * self.protect_front) + 1:
+      return 0
+    return int(n * self.protect_front / 2) + 1
+
+
+def steps_needed(ratio: float, num_layers: int, pool: str) -> int:
+  """Removals for a pruning ratio: `int(ratio * 2L)` sublayers, or `int(ratio * L)` blocks."""
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"pruning ratio must be in (0, 1), got {ratio}")
+  units = num_layers if pool == "blocks" else 2 * num_layers
+  return int(ratio * units)
+
+
+def keep_mask(num_layers: int, removed: list[list[int]]) -> np.ndarray:
+  """`[L, 2]` keep mask with the given candidates' sublayers removed."""
+  keep = np.ones(2 * num_layers, bool)
+  for sublayers in removed:
+    keep[list(sublayers)] = False
+  return keep.reshape(num_layers, 2)
+
+
+def describe(candidate: Candidate) -> dict:
+  block, kind = divmod(candidate.start, 2)
+  if candidate.resume - candidate.start == 2:
+    return {"sublayer": candidate.start, "sublayers": [candidate.start, candidate.start + 1],
+            "block": block, "kind": "block"}
+  return {"sublayer": candidate.start, "sublayers": [candidate.start], "block": block,
+          "kind": KIND_NAMES[kind]}
+
+
+def load_state(path: str | None, fingerprint: dict) -> list[dict]:
+  if path is None or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    state = json.load(f)
+  if state.get("fingerprint") != fingerprint:
+    raise SearchStateError(
+        f"{path} holds a different search (model, data, metric or pool differ); "
+        f"use a new run directory or delete it to start over")
+  return state["steps"]
+
+
+def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = None,
+                  fingerprint: dict | None = None,
+                  on_step: Callable[[dict], None] | None = None) -> list[dict]:
+  """Runs (or resumes) the search; returns one record per removal, in order."""
+  fingerprint = dict(fingerprint or {}, spec=dataclasses.asdict(spec))
+  steps = load_state(state_path, fingerprint)
+  pool = spec.pool_candidates()
+
+  def save():
+    if state_path is not None:
+      atomic_write_json(state_path, {"fingerprint": fingerprint, "steps": steps})
+
+  if spec.one_shot and not steps:
+    scores, stats = scorer.score(np.ones((spec.num_layers, 2), bool), pool)
+    order = sorted(range(len(pool)), key=lambda i: (scores[i], pool[i].start))
+    per_step = stats.seconds / spec.total_steps
+    for t, i in enumerate(order[:spec.total_steps]):
+      steps.append(dict(step=t, **describe(pool[i]), score=float(scores[i]), seconds=per_step,
+                        stats=stats.as_dict() if t == 0 else None))
+      if on_step:
+        on_step(steps[-1])
+    save()
+    return steps
+
+  for record in steps:  # resumed steps are reported again, for progress displays
+    if on_step:
+      on_step(record)
+  while len(steps) < spec.total_steps:
+    removed = {r["sublayer"] for r in steps}
+    front = spec.protected_blocks(len(steps))
+    candidates = [c for c in pool if c.start not in removed and c.start >= 2 * front]
+    keep = keep_mask(spec.num_layers, [r["sublayers"] for r in steps])
+    scores, stats = scorer.score(keep, candidates)
+    best = int(np.argmin(scores))  # candidates are in sublayer order: ties go to the lowest id
+    record = dict(step=len(steps), **describe(candidates[best]), score=float(scores[best]),
+                  seconds=stats.seconds, stats=stats.as_dict(),
+                  scores={str(c.start): float(s) for c, s in zip(candidates, scores)})
+    steps.append(record)
+    save()
+    if on_step:
+      on_step(record)
+  return steps

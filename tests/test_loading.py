@@ -1,0 +1,442 @@
+"""Loading checkpoints: sharded and bf16 safetensors, GGUF, the default model, the tokenizer cache,
+and clear errors for what cannot be loaded.
+
+References are independent of the loader: transformers' PyTorch LlamaForCausalLM (for safetensors
+and hand-written GGUF files) and transformers' own GGUF loader (for the default model).
+"""
+import functools
+import json
+import os
+import shutil
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import finercut_jax
+from finercut_jax import CheckpointError, UnsupportedConfigError, load_model, load_params
+from finercut_jax import loading
+from finercut_jax.model import forward
+from hf_tiny import make_hf_model, save_hf_model
+
+# float32 parity tolerance: see test_model.py (logits O(1), measured differences <= ~2e-5).
+ATOL = 1e-4
+BATCH, SEQ = 2, 24
+fwd = jax.jit(forward, static_argnums=1)
+
+
+def tokens_for(hf, seed=0):
+  return np.random.RandomState(seed).randint(0, hf.config.vocab_size, (BATCH, SEQ))
+
+
+def torch_logits(hf, tokens):
+  with torch.no_grad():
+    return hf(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def assert_params_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+  """An untied tiny model (so lm_head is a separate, transposed tensor), saved once."""
+  hf = make_hf_model("single_kv", seed=3)
+  return hf, save_hf_model(hf, tmp_path_factory.mktemp("untied"))
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def test_sharded_checkpoint_loads_identically(untied, tmp_path):
+  hf, single_dir = untied
+  sharded_dir = str(tmp_path / "sharded")
+  hf.save_pretrained(sharded_dir, max_shard_size="40KB")
+  files = os.listdir(sharded_dir)
+  assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+  with open(os.path.join(sharded_dir, "model.safetensors.index.json")) as f:
+    assert len(set(json.load(f)["weight_map"].values())) > 2  # really sharded
+  _, single = load_params(single_dir)
+  cfg, sharded = load_params(sharded_dir)
+  assert_params_equal(sharded, single)
+  tokens = tokens_for(hf)
+  np.testing.assert_allclose(np.asarray(fwd(sharded, cfg, jnp.asarray(tokens))),
+                             torch_logits(hf, tokens), rtol=0, atol=ATOL)
+
+
+def test_load_into_sharded_device_arrays(untied):
+  """sharding_fn places each tensor on a 2x4 mesh of the 8 simulated devices; each device shard
+  is read from the file on its own (partial, transposed slices): the values must not change."""
+  hf, directory = untied
+  assert len(jax.devices()) >= 8
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+  P = jax.sharding.PartitionSpec
+
+  def sharding_fn(name, shape):
+    spec, free = [None] * len(shape), {"b": 4, "a": 2}
+    for dim in reversed(range(len(shape))):  # shard the trailing dims that divide evenly
+      for axis, size in list(free.items()):
+        if shape[dim] % size == 0:
+          spec[dim] = axis
+          del free[axis]
+          break
+    return jax.sharding.NamedSharding(mesh, P(*spec))
+
+  _, reference = load_params(directory)
+  cfg, params = load_params(directory, sharding_fn=sharding_fn)
+  assert_params_equal(params, reference)
+  # The layout really is sharded, transposed tensors included.
+  assert params["layers"]["wq"].sharding.spec == P(None, "a", "b")
+  assert params["lm_head"].sharding.spec == P("b", None)  # [D=64, V=97]
+  assert len({s.device for s in params["lm_head"].addressable_shards}) == 8
+  assert params["lm_head"].addressable_shards[1].data.shape == (16, cfg.vocab_size)
+
+
+def test_bf16_checkpoint(untied, tmp_path):
+  hf32, _ = untied
+  hf = make_hf_model("single_kv", seed=3).to(torch.bfloat16)
+  directory = save_hf_model(hf, tmp_path / "bf16")
+  cfg, params = load_params(directory, dtype=jnp.bfloat16)
+  # Loading is exact: every weight is bit-identical to the torch bf16 weight.
+  sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+  assert params["embed"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(params["embed"], np.float32),
+                                sd["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(np.asarray(params["layers"]["wk"][2], np.float32),
+                                sd["model.layers.2.self_attn.k_proj.weight"].T)
+  np.testing.assert_array_equal(np.asarray(params["lm_head"], np.float32), sd["lm_head.weight"].T)
+  # Logits: both sides compute in bf16 but round intermediates at different points (torch rounds
+  # every op's output, XLA fuses and keeps some in f32), so they differ by bf16 noise, not 1e-4.
+  # bf16 has 8 significant bits (relative 2^-9 = 0.2% per rounding); through 3 layers onto
+  # logits of magnitude ~3 the measured difference is ~0.03-0.06 (about the same as each side's
+  # distance to the fp32 logits). 0.15 passes that with margin and still catches a real error
+  # (a wrong weight or layout moves the logits by O(1)).
+  tokens = tokens_for(hf)
+  ref = torch_logits(hf, tokens)
+  out = np.asarray(fwd(params, cfg, jnp.asarray(tokens)))
+  fp32 = torch_logits(hf.float(), tokens)  # same (bf16-rounded) weights, fp32 arithmetic
+  # Measured: |jax-torch| 0.051, |jax-fp32| 0.030, |torch-fp32| 0.047.
+  np.testing.assert_allclose(out, ref, rtol=0, atol=0.15)
+  assert np.abs(out - fp32).max() <= 0.15
+  # The checkpoint really holds rounded weights (its fp32 logits differ from the fp32 model's).
+  assert np.abs(torch_logits(hf32, tokens) - fp32).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+
+def _edit_tensors(directory, edit):
+  path = os.path.join(directory, "model.safetensors")
+  with safetensors.safe_open(path, "np") as f:
+    metadata = f.metadata()
+  tensors = safetensors.numpy.load_file(path)
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, path, metadata=metadata)
+
+
+def _edit_config(directory, edit):
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  edit(cfg)
+  with open(path, "w") as f:
+    json.dump(cfg, f)
+
+
+def _set(key, value):
+  return lambda cfg: cfg.__setitem__(key, value)
+
+
+def _yarn(cfg):
+  cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 32}
+
+
+def _rm(name):
+  return lambda directory: os.remove(os.path.join(directory, name))
+
+
+def _wrong_shape(t):
+  t["model.layers.1.mlp.up_proj.weight"] = np.zeros((95, 64), np.float32)
+
+
+def _extra(t):
+  t["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+
+
+def _missing(t):
+  del t["model.layers.2.post_attention_layernorm.weight"]
+
+
+ERRORS = {
+    # case: (edit of a copy of the saved checkpoint, error type, regex the message must match)
+    "missing_directory": (lambda d: shutil.rmtree(d), CheckpointError,
+                          r"/ckpt: no such checkpoint directory"),
+    "missing_config": (_rm("config.json"), CheckpointError, r"/ckpt/config\.json is missing"),
+    "missing_safetensors": (_rm("model.safetensors"), CheckpointError,
+                            r"/ckpt: no model\.safetensors or model\.safetensors\.index\.json"),
+    "wrong_shape": (lambda d: _edit_tensors(d, _wrong_shape), CheckpointError,
+                    r"tensor model\.layers\.1\.mlp\.up_proj\.weight has shape \(95, 64\), "
+                    r"config\.json implies \(96, 64\)"),
+    "unknown_tensor": (lambda d: _edit_tensors(d, _extra), CheckpointError,
+                       r"unknown tensors \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"),
+    "missing_tensor": (lambda d: _edit_tensors(d, _missing), CheckpointError,
+                       r"tensor model\.layers\.2\.post_attention_layernorm\.weight is missing"),
+    "rope_yarn": (lambda d: _edit_config(d, _yarn), UnsupportedConfigError,
+                  r"config\.json: unsupported config field rope_type='yarn'"),
+    "attention_bias": (lambda d: _edit_config(d, _set("attention_bias", True)),
+                       UnsupportedConfigError, r"config\.json: .*field attention_bias=True"),
+    "mlp_bias": (lambda d: _edit_config(d, _set("mlp_bias", True)), UnsupportedConfigError,
+                 r"config\.json: .*field mlp_bias=True"),
+    "sliding_window": (lambda d: _edit_config(d, _set("sliding_window", 4096)),
+                       UnsupportedConfigError, r"config\.json: .*field sliding_window=4096"),
+    "hidden_act": (lambda d: _edit_config(d, _set("hidden_act", "gelu")), UnsupportedConfigError,
+                   r"config\.json: .*field hidden_act='gelu'"),
+    "model_type": (lambda d: _edit_config(d, _set("model_type", "gpt2")), UnsupportedConfigError,
+                   r"config\.json: .*field model_type='gpt2'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_clear_errors(untied, tmp_path, case):
+  _, saved = untied
+  directory = str(tmp_path / "ckpt")
+  shutil.copytree(saved, directory)
+  edit, error, message = ERRORS[case]
+  edit(directory)
+  with pytest.raises(error, match=message) as info:
+    load_model(directory, tokenizer=False)
+  assert directory in str(info.value)  # the message names the checkpoint
+
+
+def test_clear_error_missing_shard(untied, tmp_path):
+  hf, _ = untied
+  directory = str(tmp_path / "sharded")
+  hf.save_pretrained(directory, max_shard_size="40KB")
+  with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+    shard = sorted(set(json.load(f)["weight_map"].values()))[1]
+  os.remove(os.path.join(directory, shard))
+  with pytest.raises(CheckpointError, match=f"{shard}: listed in the index but missing"):
+    load_model(directory, tokenizer=False)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """q/k rows as llama.cpp's convert_hf_to_gguf.py stores them (interleaved RoPE pairs)."""
+  d_out, d_in = w.shape
+  hd = d_out // n_head
+  return w.reshape(n_head, 2, hd // 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
+
+
+def write_gguf(hf, path, *, drop=(), extra=None, skip_keys=(), extra_keys=None) -> str:
+  """A float32 GGUF file of `hf` with llama.cpp's tensor names, metadata and q/k permutation."""
+  c = hf.config
+  sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+  tensors = {"token_embd.weight": sd["model.embed_tokens.weight"]}
+  hf_layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+  for layer in range(c.num_hidden_layers):
+    for ours, theirs in hf_layer.items():
+      w = sd[f"model.layers.{layer}.{theirs}.weight"]
+      if ours == "attn_q":
+        w = llama_cpp_permute(w, c.num_attention_heads)
+      elif ours == "attn_k":
+        w = llama_cpp_permute(w, c.num_key_value_heads)
+      tensors[f"blk.{layer}.{ours}.weight"] = w
+  tensors["output_norm.weight"] = sd["model.norm.weight"]
+  if not c.tie_word_embeddings:
+    tensors["output.weight"] = sd["lm_head.weight"]
+  tensors.update(extra or {})
+  p = "llama."
+  meta = {
+      p + "block_count": ("uint32", c.num_hidden_layers),
+      p + "context_length": ("uint32", c.max_position_embeddings),
+      p + "embedding_length": ("uint32", c.hidden_size),
+      p + "feed_forward_length": ("uint32", c.intermediate_size),
+      p + "attention.head_count": ("uint32", c.num_attention_heads),
+      p + "attention.head_count_kv": ("uint32", c.num_key_value_heads),
+      p + "attention.key_length": ("uint32", c.head_dim),
+      p + "attention.value_length": ("uint32", c.head_dim),
+      p + "rope.freq_base": ("float32", c.rope_parameters["rope_theta"]),
+      p + "attention.layer_norm_rms_epsilon": ("float32", c.rms_norm_eps),
+  }
+  meta.update(extra_keys or {})
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for key, (kind, value) in meta.items():
+    if key not in skip_keys:
+      getattr(writer, "add_" + kind)(key, value)
+  for name, w in tensors.items():
+    if name not in drop:
+      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("gqa_tied", {}),                   # tied, GQA, head_dim = hidden / heads
+    ("single_kv", {"head_dim": 24}),    # untied, one KV head, explicit head_dim
+])
+def test_gguf_matches_transformers(tmp_path, name, overrides):
+  hf = make_hf_model(name, seed=5, **overrides)
+  path = write_gguf(hf, tmp_path / "tiny.gguf")
+  cfg, params = load_params(path)
+  c = hf.config
+  assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (
+      c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+      c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+  assert cfg.tie_embeddings == c.tie_word_embeddings
+  assert cfg.rms_norm_eps == pytest.approx(c.rms_norm_eps, rel=1e-6)
+  tokens = tokens_for(hf)
+  ref = torch_logits(hf, tokens)
+  out = np.asarray(fwd(params, cfg, jnp.asarray(tokens)))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+  # q/k really are un-permuted (the model output alone would also catch it; this names it).
+  np.testing.assert_array_equal(np.asarray(params["layers"]["wk"][1]),
+                                hf.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
+
+
+GGUF_ERRORS = {
+    # Llama-3.1 RoPE scaling is stored as this tensor: it must not be silently ignored.
+    "rope_freqs": (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}),
+                   r"tiny\.gguf: unknown tensors \['rope_freqs\.weight'\]"),
+    "missing_tensor": (dict(drop=("blk.1.ffn_up.weight",)),
+                       r"tiny\.gguf: tensor blk\.1\.ffn_up\.weight is missing"),
+    "missing_embedding": (dict(drop=("token_embd.weight",)),
+                          r"tiny\.gguf: tensor token_embd\.weight is missing"),
+    "missing_metadata": (dict(skip_keys=("llama.block_count",)),
+                         r"tiny\.gguf: metadata llama\.block_count is missing"),
+    "partial_rotary": (dict(extra_keys={"llama.rope.dimension_count": ("uint32", 8)}),
+                       r"tiny\.gguf: unsupported metadata llama\.rope\.dimension_count=8"),
+    "sliding_window": (dict(extra_keys={"llama.attention.sliding_window": ("uint32", 16)}),
+                       r"tiny\.gguf: unsupported metadata llama\.attention\.sliding_window"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_ERRORS))
+def test_gguf_clear_errors(untied, tmp_path, case):
+  hf, _ = untied
+  kwargs, message = GGUF_ERRORS[case]
+  path = write_gguf(hf, tmp_path / "tiny.gguf", **kwargs)
+  with pytest.raises(CheckpointError, match=message):
+    load_params(path)
+
+
+def test_gguf_missing_file(tmp_path):
+  with pytest.raises(CheckpointError, match=r"/nope\.gguf: no such GGUF file"):
+    load_params(str(tmp_path / "nope.gguf"))
+
+
+# ----------------------------------------------------------------------------- the default model
+
+PASSAGE = (
+    "The river rose slowly through the night, and by morning the lower fields were under water. "
+    "Farmers moved their animals to the hills, while the children watched from the bridge as "
+    "broken branches drifted past. By noon the rain had stopped, and the sun came out over the "
+    "flooded valley.")
+
+
+@pytest.fixture
+def faster_transformers_gguf(monkeypatch):
+  """transformers' GGUF loading takes ~30 s here: it parses the file (~5 s, mostly the vocabulary
+  metadata) twice, and rebuilds gguf's tensor-name table (~10 ms) once per tensor (~400 times).
+  Both are pure functions of their arguments over a read-only file: memoizing them changes
+  nothing but the time (~12 s)."""
+  monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+  monkeypatch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+
+
+def test_default_model_matches_transformers_gguf(smollm2, faster_transformers_gguf):
+  from transformers import AutoModelForCausalLM
+  model, tok = smollm2
+  path = loading.resolve_default_model()
+  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                            dtype=torch.float32).eval()
+  ids = np.asarray([tok(PASSAGE)["input_ids"]])
+  assert ids.shape[1] > 40
+  ref = torch_logits(hf, ids)
+  out = np.asarray(model(jnp.asarray(ids)))
+  # Both dequantize the same Q4_1 weights exactly; what remains is float32 arithmetic over 30
+  # layers on logits of magnitude ~30 (relative 3e-5: measured max ~1.5e-4).
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-3)
+  # The passage is predicted well (a random or broken model would be near log(49152) = 10.8).
+  logp = jax.nn.log_softmax(out[0, :-1])
+  nll = -np.mean(np.take_along_axis(np.asarray(logp), ids[0, 1:, None], -1))
+  assert nll < 4.0, nll
+
+
+def test_default_model_greedy_continuation(smollm2):
+  model, tok = smollm2
+  prompt = tok("The capital of France is")["input_ids"]
+  steps = 8
+  # A fixed-length buffer: causal attention makes the logits at position i independent of the
+  # (padding) tokens after it, so one compiled shape serves every step.
+  buf = np.zeros((1, len(prompt) + steps), np.int32)
+  buf[0, :len(prompt)] = prompt
+  step = jax.jit(lambda params, t: forward(params, model.config, t))
+  params = model.params()
+  for n in range(len(prompt), len(prompt) + steps):
+    logits = step(params, jnp.asarray(buf))
+    buf[0, n] = int(jnp.argmax(logits[0, n - 1]))
+  text = tok.decode(buf[0, len(prompt):])
+  assert "Paris" in text, text
+
+
+# ----------------------------------------------------------------------------- tokenizer cache
+
+
+def test_gguf_tokenizer_is_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv("FINERCUT_CACHE", str(tmp_path / "cache"))
+  path = loading.resolve_default_model()
+  conversions = []
+  convert = loading._convert_gguf_tokenizer
+  monkeypatch.setattr(loading, "_convert_gguf_tokenizer",
+                      lambda p: conversions.append(p) or convert(p))
+  fresh = finercut_jax.load_tokenizer(path)  # converted from the GGUF vocabulary, then cached
+  assert conversions == [path]
+  cache = loading.tokenizer_cache_dir(path)
+  assert cache.startswith(str(tmp_path / "cache" / "tokenizers") + os.sep)
+  assert os.path.isfile(os.path.join(cache, "tokenizer.json"))
+  assert not [n for n in os.listdir(os.path.dirname(cache)) if n.startswith(".tmp")]
+  cached = finercut_jax.load_tokenizer("smollm2-135m")  # same file, by name
+  assert conversions == [path]  # not converted again
+  text = PASSAGE + "\n\nNaïve café — 1,234.5 «quotes»  double  spaces\tand a tab. <|im_end|>"
+  for kwargs in ({}, {"add_special_tokens": False}):
+    assert cached(text, **kwargs)["input_ids"] == fresh(text, **kwargs)["input_ids"]
+  ids = fresh(text)["input_ids"]
+  assert cached.decode(ids) == fresh.decode(ids)
+  assert len(cached) == len(fresh)
+  assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (
+      fresh.bos_token_id, fresh.eos_token_id, fresh.pad_token_id)
+  chat = [{"role": "user", "content": "What is the capital of France?"}]
+  assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+      fresh.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  # The key follows the file: a changed size or mtime, or another path, is a new entry.
+  dummy = tmp_path / "x.gguf"
+  dummy.write_bytes(b"abc")
+  key = loading.tokenizer_cache_dir(str(dummy))
+  assert loading.tokenizer_cache_dir(str(dummy)) == key
+  os.utime(dummy, ns=(0, 10**9))
+  assert loading.tokenizer_cache_dir(str(dummy)) != key
+  key = loading.tokenizer_cache_dir(str(dummy))
+  dummy.write_bytes(b"abcd")
+  os.utime(dummy, ns=(0, 10**9))
+  assert loading.tokenizer_cache_dir(str(dummy)) != key
+  shutil.copy(dummy, tmp_path / "y.gguf")
+  os.utime(tmp_path / "y.gguf", ns=(0, 10**9))
+  assert loading.tokenizer_cache_dir(str(tmp_path / "y.gguf")) != loading.tokenizer_cache_dir(
+      str(dummy))
