@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.scorer.position_block = 512  # positions per fused LM-head + divergence block
   c.scorer.mesh_model = 1  # tensor-parallel width; the candidate axis takes the other devices
   c.scorer.mesh_cand = 0  # 0: all devices not used by the model axis
+  c.scorer.reuse_states = True  # keep candidates' states across steps (memory for compute)
+  c.scorer.state_every = 2  # keep a state every this many sublayer boundaries
 
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 

@@ -42,7 +42,7 @@ def reference(metric: str, logits: jax.Array) -> jax.Array | None:
 
 
 def position_terms(metric: str, ref, logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-position values `[..., P]` for candidate logits `[..., P, V]` (float32)."""
+  """Per-position values `[..., P]` for candidate logits `[..., P, V]` (float32); all are >= 0."""
   logits = logits.astype(jnp.float32)
   if metric == "ppl":
     logq = jax.nn.log_softmax(logits, axis=-1)
@@ -55,16 +55,19 @@ def position_terms(metric: str, ref, logits: jax.Array, targets: jax.Array) -> j
     return jnp.arccos(jnp.clip(dot / norms, -1.0, 1.0)) / jnp.pi
   if metric == "logit_l2":
     return jnp.linalg.norm(logits - ref, axis=-1)
+  # KL and JS are >= 0; clamping float rounding below zero keeps every partial sum of a score a
+  # lower bound of it, which the scorer's early termination relies on.
   logp, logq = ref, jax.nn.log_softmax(logits, axis=-1)
   if metric == "kl":
-    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+    return jnp.maximum(jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1), 0.0)
   p, q = jnp.exp(logp), jnp.exp(logq)
   logm = jnp.logaddexp(logp, logq) - _LOG2  # log((p+q)/2), stable
   if metric == "js":
-    return 0.5 * jnp.sum(p * (logp - logm) + q * (logq - logm), axis=-1)
-  # js_official: KL(M||P) + KL(M||Q) with M as the target distribution.
-  m = jnp.exp(logm)
-  return 0.5 * jnp.sum(m * (logm - logp) + m * (logm - logq), axis=-1)
+    terms = 0.5 * jnp.sum(p * (logp - logm) + q * (logq - logm), axis=-1)
+  else:  # js_official: KL(M||P) + KL(M||Q) with M as the target distribution.
+    m = jnp.exp(logm)
+    terms = 0.5 * jnp.sum(m * (logm - logp) + m * (logm - logq), axis=-1)
+  return jnp.maximum(terms, 0.0)
 
 
 def position_weights(metric: str, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -77,7 +77,8 @@ def run(config) -> str:
   scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,
-                  backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()))
+                  backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
+                  reuse_states=config.scorer.reuse_states, state_every=config.scorer.state_every)
 
   bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout)
 

@@ -118,7 +118,7 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
       atomic_write_json(state_path, {"fingerprint": fingerprint, "steps": steps})
 
   if spec.one_shot and not steps:
-    scores, stats = scorer.score(np.ones((spec.num_layers, 2), bool), pool)
+    scores, stats = scorer.score(np.ones((spec.num_layers, 2), bool), pool)  # all exact
     order = sorted(range(len(pool)), key=lambda i: (scores[i], pool[i].start))
     per_step = stats.seconds / spec.total_steps
     for t, i in enumerate(order[:spec.total_steps]):
@@ -137,11 +137,17 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
     front = spec.protected_blocks(len(steps))
     candidates = [c for c in pool if c.start not in removed and c.start >= 2 * front]
     keep = keep_mask(spec.num_layers, [r["sublayers"] for r in steps])
-    scores, stats = scorer.score(keep, candidates)
-    best = int(np.argmin(scores))  # candidates are in sublayer order: ties go to the lowest id
+    # Last step's scores order this one's (the best first tightens early termination).
+    previous = steps[-1]["scores"] if steps and "scores" in steps[-1] else {}
+    priority = [previous.get(str(c.start), -c.start) for c in candidates]
+    scores, complete, stats = scorer.score_step(keep, candidates, bound=True, priority=priority)
+    # Only complete scores compete: an incomplete one provably exceeds the best complete one.
+    # Candidates are in sublayer order, so argmin breaks ties toward the lowest id.
+    best = int(np.argmin(np.where(complete, scores, np.inf)))
     record = dict(step=len(steps), **describe(candidates[best]), score=float(scores[best]),
                   seconds=stats.seconds, stats=stats.as_dict(),
-                  scores={str(c.start): float(s) for c, s in zip(candidates, scores)})
+                  scores={str(c.start): float(s) for c, s in zip(candidates, scores)},
+                  lower_bounds=[c.start for c, done in zip(candidates, complete) if not done])
     steps.append(record)
     save()
     if on_step:

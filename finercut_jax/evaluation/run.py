@@ -60,6 +60,27 @@ def default_eval_config() -> ml_collections.ConfigDict:
   return c
 
 
+def resolve_eval_config(eval_config=None) -> ml_collections.ConfigDict:
+  """`default_eval_config()` overridden by whatever fields `eval_config` sets (a partial config,
+  e.g. a job config's `eval` section holding only `enabled`, gets every other default)."""
+  resolved = default_eval_config()
+  if eval_config is None:
+    return resolved
+  given = eval_config.to_dict() if hasattr(eval_config, "to_dict") else dict(eval_config)
+
+  def merge(into, values, prefix=""):
+    for key, value in values.items():
+      if key not in into:
+        raise KeyError(f"unknown evaluation setting {prefix}{key}")
+      if isinstance(value, dict):
+        merge(into[key], value, f"{prefix}{key}.")
+      else:
+        with into.ignore_type():
+          into[key] = value
+  merge(resolved, given)
+  return resolved
+
+
 def _csv(value) -> list[str]:
   if isinstance(value, str):
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -131,7 +152,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
   """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report."""
   from finercut_jax import checkpoint
   from finercut_jax.io import atomic_write_json
-  eval_config = eval_config or default_eval_config()
+  eval_config = resolve_eval_config(eval_config)
   run_config = _read_json(os.path.join(run_dir, "config.json"))
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")

@@ -1,0 +1,692 @@
+r"""Benchmark: the official FinerCut loop (PyTorch) against our scorer + greedy search (JAX).
+
+One command times, on the same machine, model, calibration tokens and number of greedy steps:
+
+  (a) the official loop: `official_baseline.official_greedy` on a transformers `LlamaForCausalLM`
+      in float32 (loaded from the same GGUF file, or the same HF directory);
+  (b) ours: `search.greedy_search` over a `scorer.Scorer`.
+
+    python -m benchmarks.bench_scorer                          # SmolLM2-135M, 4 x 128, 15 steps
+    python -m benchmarks.bench_scorer --steps 2 --num_sequences 2 --seq_len 64 --out r.json
+    python -m benchmarks.bench_scorer --memory                 # peak memory vs chunk width
+
+Each side runs in its own subprocess (one per repeat, so every JAX run compiles from cold and
+peak memories never mix); this process only prepares the tokens, launches the sides, and compares
+and prints their results. Both subprocesses are pinned (sched_setaffinity, set before the child
+starts) to the same `--threads` CPUs: XLA's CPU thread pool is sized from the schedulable CPUs,
+and the torch side calls `torch.set_num_threads(threads)`, so both use the same cores.
+
+What is reported (per step and in total; medians over `--repeats`):
+- wall time of each side and the ratio (a)/(b). (b)'s figures include JAX compilation: its first
+  step compiles the step program, its setup (`Scorer(...)`: parameter placement, the dense
+  reference pass and its compilation) is reported apart and counted in the total, as (a)'s dense
+  reference pass is in its total. Model loading is reported but left out of the ratio.
+- sublayer evaluations: (b)'s `StepStats.evaluations` against the naive C x 2L; (a) is naive by
+  construction (every candidate is a full forward of all 2L sublayers on all N sequences, masked
+  sublayers still computed: C x 2L evaluations, C x N batch-1 forwards).
+- achieved FLOP/s of (b) (`StepStats.flops` / seconds) against a float32 matmul throughput
+  measured in the same subprocess (jitted jnp matmuls of the LM-head, FFN and a 2048^2 shape;
+  median of repeats; the best of them is the reference); (a)'s FLOP/s from the same FLOP model.
+- peak host memory of each side (`official_baseline.PeakMemory`, the search region: for (a)
+  `official_greedy`, for (b) `Scorer(...)` + `greedy_search`), with the RSS at its start.
+- that (a) and (b) remove the same sublayers in the same order: exit status 1, and a loud
+  message, if not (the results are still written).
+
+`--memory` instead measures one scoring step of (b) per (chunk width, candidate count), each in
+its own subprocess: the first call (compile + run) and a second call (run only), showing that
+the peak grows with the chunk width and not with the number of candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+MIB = 2 ** 20
+# Float32 matmul shapes (M, K, N): the LM head on a 512-position block (SmolLM2: D=576, V=49152),
+# an FFN up-projection, and a square one.
+MATMUL_SHAPES = ((512, 576, 49152), (512, 576, 1536), (2048, 2048, 2048))
+
+
+# ============================================================================== sides (children)
+
+
+def _loadavg():
+  try:
+    return list(os.getloadavg())
+  except OSError:
+    return None
+
+
+def _vm_hwm_bytes():
+  from benchmarks.official_baseline import _read_status_kib
+  kib = _read_status_kib("VmHWM")
+  return None if kib is None else kib * 1024
+
+
+def side_official(spec: dict) -> dict:
+  import functools
+
+  import numpy as np
+  import torch
+
+  from benchmarks.official_baseline import PeakMemory, official_greedy
+  torch.set_num_threads(spec["torch_threads"])
+  t0 = time.perf_counter()
+  hf = _load_hf_model(spec["model_path"])
+  load_seconds = time.perf_counter() - t0
+  tokens = np.load(spec["tokens_path"])
+  load_peak = _vm_hwm_bytes()
+  log = functools.partial(print, "[official]", file=sys.stderr, flush=True)
+  matmul_before = measure_matmul_torch(spec["matmul_repeats"])
+  loadavg = _loadavg()
+  t0 = time.perf_counter()
+  with PeakMemory() as mem:
+    steps = official_greedy(hf, tokens, spec["steps"], metric=spec["metric"], log=log)
+  total = time.perf_counter() - t0
+  loadavg_end = _loadavg()
+  matmul = _combine_matmul(matmul_before, measure_matmul_torch(spec["matmul_repeats"]))
+  return {
+      "side": "official", "threads": torch.get_num_threads(),
+      "cpus": sorted(os.sched_getaffinity(0)), "loadavg_start": loadavg, "loadavg_end": loadavg_end,
+      "matmul": matmul,
+      "load_seconds": load_seconds, "load_peak_bytes": load_peak,
+      "reference_seconds": steps[0]["reference_seconds"], "search_seconds": total,
+      "memory": mem.as_dict(),
+      "steps": [{"step": r["step"], "sublayer": r["sublayer"], "kind": r["kind"],
+                 "block": r["block"], "score": r["score"], "seconds": r["seconds"],
+                 "num_candidates": len(r["scores"]), "num_forwards": r["num_forwards"],
+                 "scores": {str(k): v for k, v in r["scores"].items()}} for r in steps],
+  }
+
+
+def _load_hf_model(path: str):
+  import torch
+  from transformers import AutoModelForCausalLM
+  if path.endswith(".gguf"):
+    import gguf
+    # transformers parses the GGUF file twice and rebuilds gguf's tensor-name table per tensor
+    # (~30 s for SmolLM2); both are pure functions of a read-only file, so memoizing them changes
+    # only the load time (which is reported, not compared).
+    import functools
+    gguf.get_tensor_name_map = functools.lru_cache(gguf.get_tensor_name_map)
+    gguf.GGUFReader = functools.lru_cache(gguf.GGUFReader)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=torch.float32,
+        local_files_only=True)
+  else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+  return model.eval()
+
+
+def _matmul_summary(timer, repeats: int) -> dict:
+  """Median throughput (FLOP/s) of `timer(m, k, n)` over `repeats` calls per shape, and the best."""
+  out = {}
+  for m, k, n in MATMUL_SHAPES:
+    run = timer(m, k, n)
+    run()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    out[f"{m}x{k}@{k}x{n}"] = {"seconds_median": sec, "flops_per_second": 2.0 * m * k * n / sec}
+    del run
+  out["best_flops_per_second"] = max(v["flops_per_second"] for v in out.values())
+  out["repeats"] = repeats
+  return out
+
+
+def measure_matmul_jax(repeats: int) -> dict:
+  """Float32 `jnp.matmul` (jitted) throughput on MATMUL_SHAPES."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  f = jax.jit(jnp.matmul)
+
+  def timer(m, k, n):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+    b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+    return lambda: f(a, b).block_until_ready()
+  return _matmul_summary(timer, repeats)
+
+
+def measure_matmul_torch(repeats: int) -> dict:
+  """Float32 `torch.matmul` throughput on MATMUL_SHAPES (the official side's own yardstick)."""
+  import torch
+
+  def timer(m, k, n):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    return lambda: torch.matmul(a, b)
+  return _matmul_summary(timer, repeats)
+
+
+def _combine_matmul(before: dict, after: dict) -> dict:
+  """Before/after-the-run measurements; the yardstick is the median of the two bests."""
+  return {"before": before, "after": after,
+          "best_flops_per_second": statistics.median(
+              [before["best_flops_per_second"], after["best_flops_per_second"]])}
+
+
+def _jax_setup(spec: dict):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from finercut_jax import loading
+  t0 = time.perf_counter()
+  cfg, params = loading.load_params(spec["model_path"], jnp.float32)
+  jax.block_until_ready(params)
+  load_seconds = time.perf_counter() - t0
+  tokens = np.load(spec["tokens_path"])
+  return cfg, params, tokens, load_seconds
+
+
+def side_jax(spec: dict) -> dict:
+  import jax
+
+  from benchmarks.official_baseline import PeakMemory
+  from finercut_jax.scorer import Scorer
+  from finercut_jax.search import SearchSpec, greedy_search
+  cfg, params, tokens, load_seconds = _jax_setup(spec)
+  load_peak = _vm_hwm_bytes()
+  sspec = SearchSpec(num_layers=cfg.num_layers, pool="sublayers", num_steps=spec["steps"])
+  marks = []
+
+  def on_step(record):
+    marks.append(time.perf_counter())
+    st = record["stats"]
+    print(f"[jax w={spec['chunk_width']}] step {record['step']}: remove {record['kind']} of block "
+          f"{record['block']} (sublayer {record['sublayer']}), score={record['score']:.6g}, "
+          f"{record['seconds']:.2f}s, evals {st['evaluations']}/{st['naive_evaluations']}",
+          file=sys.stderr, flush=True)
+
+  matmul_before = measure_matmul_jax(spec["matmul_repeats"])
+  loadavg = _loadavg()
+  with PeakMemory() as mem:
+    t0 = time.perf_counter()
+    scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
+                    position_block=spec["position_block"],
+                    max_candidates=len(sspec.pool_candidates()))
+    jax.block_until_ready(scorer.reference)
+    t1 = time.perf_counter()
+    records = greedy_search(scorer, sspec, on_step=on_step)
+    t2 = time.perf_counter()
+  loadavg_end = _loadavg()
+  del scorer
+  matmul = _combine_matmul(matmul_before, measure_matmul_jax(spec["matmul_repeats"]))
+  walls = [b - a for a, b in zip([t1] + marks[:-1], marks)]
+  return {
+      "side": "jax", "chunk_width": spec["chunk_width"], "position_block": spec["position_block"],
+      "devices": [str(d) for d in jax.devices()], "cpus": sorted(os.sched_getaffinity(0)),
+      "loadavg_start": loadavg, "loadavg_end": loadavg_end,
+      "load_seconds": load_seconds, "load_peak_bytes": load_peak,
+      "setup_seconds": t1 - t0, "search_seconds": t2 - t1, "memory": mem.as_dict(),
+      "matmul": matmul,
+      "steps": [{"step": r["step"], "sublayer": r["sublayer"], "kind": r["kind"],
+                 "block": r["block"], "score": r["score"], "seconds": w,
+                 "score_seconds": r["seconds"], "stats": r["stats"], "scores": r["scores"]}
+                for r, w in zip(records, walls)],
+  }
+
+
+def side_memprobe(spec: dict) -> dict:
+  import jax
+  import numpy as np
+
+  from benchmarks.official_baseline import PeakMemory
+  from finercut_jax.scorer import Scorer
+  from finercut_jax.search import SearchSpec
+  cfg, params, tokens, load_seconds = _jax_setup(spec)
+  pool = SearchSpec(num_layers=cfg.num_layers).pool_candidates()
+  count = len(pool) if spec["num_candidates"] in (None, 0) else spec["num_candidates"]
+  candidates = pool[:count]
+  keep = np.ones((cfg.num_layers, 2), bool)
+  out = {"side": "memprobe", "chunk_width": spec["chunk_width"], "num_candidates": count,
+         "position_block": spec["position_block"], "load_seconds": load_seconds}
+  with PeakMemory() as mem:
+    scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
+                    position_block=spec["position_block"], max_candidates=count)
+    jax.block_until_ready(scorer.reference)
+  out["setup_memory"] = mem.as_dict()
+  for name in ("first_call", "second_call"):
+    with PeakMemory() as mem:
+      scores, stats = scorer.score(keep, candidates)
+    out[name] = {"memory": mem.as_dict(), "stats": stats.as_dict()}
+  out["scores"] = [float(s) for s in scores]
+  out["effective_position_block"] = scorer.position_block
+  return out
+
+
+# ============================================================================== driver
+
+
+def _child(side: str, spec: dict, cpus: list[int], workdir: str, tag: str) -> dict:
+  """Runs one side in a fresh interpreter pinned to `cpus`; returns its JSON result."""
+  spec_path = os.path.join(workdir, f"spec_{tag}.json")
+  result_path = os.path.join(workdir, f"result_{tag}.json")
+  with open(spec_path, "w") as f:
+    json.dump(spec, f)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             OMP_NUM_THREADS=str(len(cpus)), TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--spec", spec_path,
+         "--result", result_path]
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=env, cwd=_REPO, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+  try:
+    rc = proc.wait()
+  except BaseException:
+    proc.kill()
+    proc.wait()
+    raise
+  if rc != 0 or not os.path.exists(result_path):
+    raise RuntimeError(f"the {side} side ({tag}) failed with exit status {rc}: {' '.join(cmd)}")
+  with open(result_path) as f:
+    result = json.load(f)
+  result["process_seconds"] = time.perf_counter() - t0
+  return result
+
+
+def _median(xs):
+  xs = [x for x in xs if x is not None]
+  return statistics.median(xs) if xs else None
+
+
+def _prepare(args):
+  """Resolves the model, the step count and the calibration tokens (saved for both sides)."""
+  import numpy as np
+
+  from finercut_jax import data, loading
+  from finercut_jax.search import steps_needed
+  path = loading.resolve_path(args.model)
+  cfg = loading.load_config(path)
+  if args.tokens:
+    tokens = np.load(args.tokens)
+    if tokens.ndim != 2 or tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+      raise SystemExit(f"--tokens {args.tokens}: need [N, T] ids in [0, {cfg.vocab_size})")
+    args.num_sequences, args.seq_len = tokens.shape
+    args.source = args.tokens
+  else:
+    tokenizer = loading.load_tokenizer(path)
+    tokens = data.calibration_tokens(tokenizer, args.source, args.num_sequences, args.seq_len)
+  tokens_path = os.path.join(args.workdir, "tokens.npy")
+  np.save(tokens_path, tokens)
+  steps = args.steps or steps_needed(args.ratio, cfg.num_layers, "sublayers")
+  if not 0 < steps <= 2 * cfg.num_layers:
+    raise SystemExit(f"--steps {steps}: the model has {2 * cfg.num_layers} sublayers")
+  info = {"model": args.model, "model_path": path, "num_layers": cfg.num_layers,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+          "vocab_size": cfg.vocab_size, "num_sequences": args.num_sequences,
+          "seq_len": args.seq_len, "source": args.source, "steps": steps, "metric": args.metric,
+          "tokens_path": tokens_path, "tokens_head": tokens[0, :8].tolist()}
+  return info, cfg
+
+
+def _environment(cpus) -> dict:
+  import importlib.metadata as md
+  env = {"python": platform.python_version(), "platform": platform.platform(),
+         "cpu_count": os.cpu_count(), "cpus_used": list(cpus), "threads": len(cpus)}
+  for pkg in ("jax", "jaxlib", "torch", "transformers", "numpy"):
+    try:
+      env[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      env[pkg] = None
+  try:
+    with open("/proc/cpuinfo") as f:
+      env["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
+                              None)
+  except OSError:
+    pass
+  return env
+
+
+def _cpus(args) -> list[int]:
+  available = sorted(os.sched_getaffinity(0))
+  threads = args.threads or len(available)
+  if threads > len(available):
+    raise SystemExit(f"--threads {threads}: only {len(available)} CPUs available to this process")
+  return available[:threads]
+
+
+def official_flops(cfg, n: int, t: int, num_candidates: int) -> float:
+  """FLOPs of C full forwards of the dense model (masked sublayers are still computed)."""
+  from finercut_jax.scorer import sublayer_flops
+  attn, ffn, head = sublayer_flops(cfg, n, t)
+  return num_candidates * (cfg.num_layers * (attn + ffn) + head)
+
+
+def _summarize_jax(runs: list[dict], steps: int) -> dict:
+  per_step = []
+  for i in range(steps):
+    rs = [r["steps"][i] for r in runs]
+    st = rs[0]["stats"]
+    per_step.append({
+        "step": i, "sublayer": rs[0]["sublayer"], "kind": rs[0]["kind"], "block": rs[0]["block"],
+        "score": rs[0]["score"], "seconds": _median([r["seconds"] for r in rs]),
+        "score_seconds": _median([r["score_seconds"] for r in rs]),
+        "evaluations": st["evaluations"], "naive_evaluations": st["naive_evaluations"],
+        "flops": st["flops"],
+        "flops_per_second": _median([r["stats"]["flops_per_second"] for r in rs]),
+        "num_candidates": len(rs[0]["scores"])})
+  peak = _median([r["matmul"]["best_flops_per_second"] for r in runs])
+  for s in per_step:
+    s["fraction_of_matmul_peak"] = s["flops_per_second"] / peak
+  setup = _median([r["setup_seconds"] for r in runs])
+  search = _median([r["search_seconds"] for r in runs])
+  flops = sum(s["flops"] for s in per_step)
+  step_sum = sum(s["seconds"] for s in per_step)
+  later = per_step[1:]
+  later_flops = sum(s["flops"] for s in later)
+  later_sec = sum(s["score_seconds"] for s in later)
+  return {
+      "chunk_width": runs[0]["chunk_width"], "repeats": len(runs), "per_step": per_step,
+      "load_seconds": _median([r["load_seconds"] for r in runs]),
+      "setup_seconds": setup, "search_seconds": search, "total_seconds": setup + search,
+      "first_step_seconds": per_step[0]["seconds"],
+      "later_steps_median_seconds": _median([s["seconds"] for s in later]),
+      "evaluations": sum(s["evaluations"] for s in per_step),
+      "naive_evaluations": sum(s["naive_evaluations"] for s in per_step),
+      "flops": flops, "flops_per_second_incl_compile": flops / step_sum,
+      "flops_per_second_after_first_step": later_flops / later_sec if later_sec else None,
+      "matmul_peak_flops_per_second": peak,
+      "matmul": [r["matmul"] for r in runs],
+      "memory_peak_bytes": _median([r["memory"]["host_peak_bytes"] for r in runs]),
+      "memory_start_bytes": _median([r["memory"]["host_start_bytes"] for r in runs]),
+      "memory_method": runs[0]["memory"]["method"],
+      "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
+      "orderings": [[s["sublayer"] for s in r["steps"]] for r in runs],
+  }
+
+
+def _summarize_official(runs: list[dict], cfg, info: dict) -> dict:
+  steps = info["steps"]
+  per_step = []
+  for i in range(steps):
+    rs = [r["steps"][i] for r in runs]
+    c = rs[0]["num_candidates"]
+    sec = _median([r["seconds"] for r in rs])
+    fl = official_flops(cfg, info["num_sequences"], info["seq_len"], c)
+    per_step.append({"step": i, "sublayer": rs[0]["sublayer"], "kind": rs[0]["kind"],
+                     "block": rs[0]["block"], "score": rs[0]["score"], "seconds": sec,
+                     "num_candidates": c, "num_forwards": rs[0]["num_forwards"],
+                     "evaluations": c * 2 * cfg.num_layers, "flops": fl,
+                     "flops_per_second": fl / sec})
+  ref = _median([r["reference_seconds"] for r in runs])
+  step_sum = sum(s["seconds"] for s in per_step)
+  flops = sum(s["flops"] for s in per_step)
+  peak = _median([r["matmul"]["best_flops_per_second"] for r in runs])
+  for s in per_step:
+    s["fraction_of_matmul_peak"] = s["flops_per_second"] / peak
+  return {
+      "repeats": len(runs), "per_step": per_step, "threads": runs[0]["threads"],
+      "matmul_peak_flops_per_second": peak, "matmul": [r["matmul"] for r in runs],
+      "load_seconds": _median([r["load_seconds"] for r in runs]),
+      "reference_seconds": ref, "search_seconds": _median([r["search_seconds"] for r in runs]),
+      "total_seconds": ref + step_sum,
+      "evaluations": sum(s["evaluations"] for s in per_step),
+      "num_forwards": sum(s["num_forwards"] for s in per_step),
+      "flops": flops, "flops_per_second": flops / step_sum,
+      "memory_peak_bytes": _median([r["memory"]["host_peak_bytes"] for r in runs]),
+      "memory_start_bytes": _median([r["memory"]["host_start_bytes"] for r in runs]),
+      "memory_method": runs[0]["memory"]["method"],
+      "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
+      "orderings": [[s["sublayer"] for s in r["steps"]] for r in runs],
+  }
+
+
+def _score_agreement(official_run: dict, jax_run: dict) -> list[float]:
+  """Per step: max relative difference of the candidates' scores between the two sides."""
+  out = []
+  for a, b in zip(official_run["steps"], jax_run["steps"]):
+    rel = [abs(a["scores"][k] - b["scores"][k]) / max(abs(a["scores"][k]), 1e-30)
+           for k in a["scores"] if k in b["scores"]]
+    out.append(max(rel) if rel else None)
+  return out
+
+
+def _fmt_s(x):
+  return "-" if x is None else (f"{x:.3g}" if x < 10 else f"{x:.1f}")
+
+
+def _print_table(info, off, jx, agreement):
+  print()
+  print(f"model {info['model']} ({info['num_layers']} layers), tokens {info['num_sequences']} x "
+        f"{info['seq_len']} ({info['source']}), {info['steps']} steps, metric {info['metric']}, "
+        f"chunk width {jx['chunk_width']}, medians of {off['repeats']} (a) / {jx['repeats']} (b) "
+        f"run(s)")
+  hdr = (f"{'step':>4} {'removed':>9} {'C':>3} {'(a) s':>8} {'(b) s':>8} {'a/b':>7} "
+         f"{'(b) evals/naive':>16} {'(b) GFLOP/s':>11} {'%peak':>6} {'(a) GFLOP/s':>11} "
+         f"{'%peak':>6} "
+         f"{'max rel diff':>12}")
+  print(hdr)
+  print("-" * len(hdr))
+  for a, b, d in zip(off["per_step"], jx["per_step"], agreement):
+    same = "" if a["sublayer"] == b["sublayer"] else f" != {b['kind']}{b['block']}"
+    print(f"{a['step']:>4} {a['kind'] + str(a['block']) + same:>9} {a['num_candidates']:>3} "
+          f"{_fmt_s(a['seconds']):>8} {_fmt_s(b['seconds']):>8} "
+          f"{a['seconds'] / b['seconds']:>7.2f} "
+          f"{b['evaluations']:>6}/{b['naive_evaluations']:<5} ({b['evaluations'] / b['naive_evaluations']:.2f}) "
+          f"{b['flops_per_second'] / 1e9:>10.1f} {100 * b['fraction_of_matmul_peak']:>5.1f}% "
+          f"{a['flops_per_second'] / 1e9:>11.1f} {100 * a['fraction_of_matmul_peak']:>5.1f}% "
+          f"{('-' if d is None else f'{d:.1e}'):>12}")
+  print("-" * len(hdr))
+  print(f"(a) official: reference pass {_fmt_s(off['reference_seconds'])} s + steps "
+        f"{_fmt_s(off['total_seconds'] - off['reference_seconds'])} s = "
+        f"{_fmt_s(off['total_seconds'])} s; {off['evaluations']} sublayer evaluations "
+        f"(naive by construction), {off['num_forwards']} batch-1 forwards; "
+        f"{off['flops_per_second'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * off['flops_per_second'] / off['matmul_peak_flops_per_second']:.0f}% of its torch "
+        f"float32 matmul peak {off['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s; torch "
+        f"threads {off['threads']}; "
+        f"load {_fmt_s(off['load_seconds'])} s (not counted)")
+  print(f"(b) ours:     setup (placement + reference + its compile) {_fmt_s(jx['setup_seconds'])} s"
+        f" + steps {_fmt_s(jx['search_seconds'])} s = {_fmt_s(jx['total_seconds'])} s; first step "
+        f"(compiles) {_fmt_s(jx['first_step_seconds'])} s, later steps median "
+        f"{_fmt_s(jx['later_steps_median_seconds'])} s; {jx['evaluations']}/"
+        f"{jx['naive_evaluations']} evaluations ({jx['evaluations'] / jx['naive_evaluations']:.2f} "
+        f"of naive); load {_fmt_s(jx['load_seconds'])} s (not counted)")
+  later = jx["flops_per_second_after_first_step"]
+  print(f"(b) FLOP/s: {jx['flops_per_second_incl_compile'] / 1e9:.1f} GFLOP/s incl. compile, "
+        f"{'-' if later is None else f'{later / 1e9:.1f}'} GFLOP/s after the first step "
+        f"({100 * (later or 0) / jx['matmul_peak_flops_per_second']:.0f}%) of its jnp float32 "
+        f"matmul peak {jx['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s (best of "
+        f"{', '.join(f'{m}x{k}@{k}x{n}' for m, k, n in MATMUL_SHAPES)}, before and after)")
+  print(f"ratio (a)/(b): total {off['total_seconds'] / jx['total_seconds']:.2f}x; steps only "
+        f"{(off['total_seconds'] - off['reference_seconds']) / jx['search_seconds']:.2f}x; steps "
+        f"after the first: median per-step ratio "
+        f"{_median([a['seconds'] / b['seconds'] for a, b in zip(off['per_step'][1:], jx['per_step'][1:])]) or float('nan'):.2f}x")
+  print(f"peak host memory (search region; RSS at its start): (a) "
+        f"{off['memory_peak_bytes'] / MIB:.0f} MiB ({off['memory_start_bytes'] / MIB:.0f}), (b) "
+        f"{jx['memory_peak_bytes'] / MIB:.0f} MiB ({jx['memory_start_bytes'] / MIB:.0f}) "
+        f"[{off['memory_method']}]")
+
+
+def run_compare(args) -> int:
+  cpus = _cpus(args)
+  info, cfg = _prepare(args)
+  env = _environment(cpus)
+  base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
+          "steps": info["steps"], "metric": args.metric, "threads": len(cpus),
+          "torch_threads": args.torch_threads or len(cpus),
+          "position_block": args.position_block, "matmul_repeats": args.matmul_repeats}
+  widths = [int(w) for w in args.chunk_widths.split(",")]
+  print(f"[bench] {info['steps']} steps on {info['model_path']}, tokens {info['num_sequences']} x "
+        f"{info['seq_len']}, metric {args.metric}, CPUs {cpus} ({len(cpus)} threads each side)",
+        flush=True)
+  jax_runs = {}
+  for w in widths:  # ours first: fast, and a broken setup shows before the long official run
+    jax_runs[w] = [_child("jax", dict(base, chunk_width=w), cpus, args.workdir, f"jax_w{w}_r{r}")
+                   for r in range(args.repeats)]
+  official_runs = [_child("official", base, cpus, args.workdir, f"official_r{r}")
+                   for r in range(args.official_repeats or args.repeats)]
+
+  off = _summarize_official(official_runs, cfg, info)
+  results = {"benchmark": "bench_scorer", "config": info, "environment": env,
+             "official": off, "jax": [], "raw": {"official": official_runs, "jax": jax_runs}}
+  want = off["orderings"][0]
+  mismatches = [f"official repeat {i}: {o}" for i, o in enumerate(off["orderings"]) if o != want]
+  for w in widths:
+    jx = _summarize_jax(jax_runs[w], info["steps"])
+    agreement = _score_agreement(official_runs[0], jax_runs[w][0])
+    jx["max_rel_score_diff_per_step"] = agreement
+    jx["ratio_total"] = off["total_seconds"] / jx["total_seconds"]
+    jx["ratio_steps_only"] = (off["total_seconds"] - off["reference_seconds"]) / jx["search_seconds"]
+    jx["ratio_per_step"] = [a["seconds"] / b["seconds"]
+                            for a, b in zip(off["per_step"], jx["per_step"])]
+    jx["same_selection"] = all(o == want for o in jx["orderings"])
+    mismatches += [f"jax chunk width {w} repeat {i}: {o}" for i, o in enumerate(jx["orderings"])
+                   if o != want]
+    results["jax"].append(jx)
+    _print_table(info, off, jx, agreement)
+  results["same_selection"] = not mismatches
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nresults written to {args.out}")
+  if mismatches:
+    print("\n" + "!" * 78 + f"\nSELECTION MISMATCH: official ordering {want}\n  " +
+          "\n  ".join(mismatches) + "\n" + "!" * 78, file=sys.stderr)
+    return 1
+  print(f"\nselection check: both sides removed the same {info['steps']} sublayers in the same "
+        f"order: {', '.join(s['kind'] + str(s['block']) for s in off['per_step'])}")
+  return 0
+
+
+def run_memory(args) -> int:
+  cpus = _cpus(args)
+  info, cfg = _prepare(args)
+  base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
+          "metric": args.metric, "position_block": args.position_block}
+  widths = [int(w) for w in args.memory_widths.split(",")]
+  counts = [0 if c == "all" else int(c) for c in args.memory_candidates.split(",")]
+  runs = []
+  for c in counts:
+    for w in widths:
+      r = _child("memprobe", dict(base, chunk_width=w, num_candidates=c), cpus, args.workdir,
+                 f"mem_w{w}_c{c}")
+      runs.append(r)
+  n, t = info["num_sequences"], info["seq_len"]
+  d, v, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+  pb = runs[0]["effective_position_block"]
+  print()
+  print(f"one scoring step of (b), all sublayers kept, {n} x {t} tokens, position block {pb}; "
+        f"peak host RSS per subprocess ({runs[0]['first_call']['memory']['method']})")
+  hdr = (f"{'width':>5} {'cands':>5} {'1st call peak':>14} {'(+ over start)':>14} "
+         f"{'2nd call peak':>14} {'(+ over start)':>14} {'W*pb*V*4':>9} {'2nd call s':>10}")
+  print(hdr)
+  print("-" * len(hdr))
+  for r in runs:
+    m1, m2 = r["first_call"]["memory"], r["second_call"]["memory"]
+    r["logits_block_bytes"] = r["chunk_width"] * pb * v * 4
+    print(f"{r['chunk_width']:>5} {r['num_candidates']:>5} {m1['host_peak_bytes'] / MIB:>10.0f} MiB "
+          f"{m1['host_peak_delta_bytes'] / MIB:>10.0f} MiB {m2['host_peak_bytes'] / MIB:>10.0f} MiB "
+          f"{m2['host_peak_delta_bytes'] / MIB:>10.0f} MiB {r['logits_block_bytes'] / MIB:>5.0f} MiB "
+          f"{r['second_call']['stats']['seconds']:>10.2f}")
+  print(f"fixed per search: prefix states 2L*N*T*D*4 = {2 * L * n * t * d * 4 / MIB:.0f} MiB, "
+        f"reference N*T*V*4 = {n * t * v * 4 / MIB:.0f} MiB")
+  # Verdict on the run-only peaks: width effect at fixed candidate count vs count effect.
+  by = {(r["chunk_width"], r["num_candidates"]): r["second_call"]["memory"]["host_peak_bytes"]
+        for r in runs}
+  cs = sorted({r["num_candidates"] for r in runs})
+  ws = sorted({r["chunk_width"] for r in runs})
+  width_growth = [by[(ws[-1], c)] - by[(ws[0], c)] for c in cs] if len(ws) > 1 else []
+  count_growth = [by[(w, cs[-1])] - by[(w, cs[0])] for w in ws] if len(cs) > 1 else []
+  verdict = {"width_growth_bytes": width_growth, "candidate_growth_bytes": count_growth}
+  if width_growth:
+    print(f"peak growth from width {ws[0]} to {ws[-1]}: " +
+          ", ".join(f"{g / MIB:+.0f} MiB at {c} candidates" for g, c in zip(width_growth, cs)))
+  if count_growth:
+    print(f"peak growth from {cs[0]} to {cs[-1]} candidates: " +
+          ", ".join(f"{g / MIB:+.0f} MiB at width {w}" for g, w in zip(count_growth, ws)))
+  if width_growth and count_growth:
+    ok = min(width_growth) > 2 * max(abs(g) for g in count_growth)
+    verdict["bounded_by_chunk_width"] = ok
+    print("memory is bounded by the chunk width, not the candidate count: " +
+          ("yes" if ok else "NOT SHOWN (see figures)"))
+  results = {"benchmark": "bench_scorer --memory", "config": info, "environment": _environment(cpus),
+             "runs": runs, "verdict": verdict}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nresults written to {args.out}")
+  return 0
+
+
+def _side_main(args) -> int:
+  with open(args.spec) as f:
+    spec = json.load(f)
+  fn = {"official": side_official, "jax": side_jax, "memprobe": side_memprobe}[args.side]
+  result = fn(spec)
+  with open(args.result, "w") as f:
+    json.dump(result, f)
+  return 0
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description="Official FinerCut loop (PyTorch) vs our JAX scorer + greedy search.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--model", default="smollm2-135m",
+                 help="'smollm2-135m' (the packaged GGUF), a .gguf file, or a HF checkpoint dir")
+  p.add_argument("--source", default="packaged", help="calibration text source (finercut_jax.data)")
+  p.add_argument("--tokens", default=None,
+                 help="a [N, T] .npy of token ids to use instead of --source/-N/-T")
+  p.add_argument("--num_sequences", "-N", type=int, default=4)
+  p.add_argument("--seq_len", "-T", type=int, default=128)
+  p.add_argument("--steps", type=int, default=None,
+                 help="greedy steps (default: those of --ratio, 15 for SmolLM2 at 0.25)")
+  p.add_argument("--ratio", type=float, default=0.25)
+  p.add_argument("--metric", default="js_official", choices=("js_official", "js"))
+  p.add_argument("--chunk_widths", default="1",
+                 help="comma list; (b) runs once per width (each checked against (a))")
+  p.add_argument("--position_block", type=int, default=512)
+  p.add_argument("--repeats", type=int, default=1, help="runs of each side (fresh process each)")
+  p.add_argument("--official_repeats", type=int, default=None,
+                 help="runs of the official side (default: --repeats; it is the slow one)")
+  p.add_argument("--matmul_repeats", type=int, default=7)
+  p.add_argument("--threads", type=int, default=None,
+                 help="CPUs (and torch threads) for each side; default: all this process may use")
+  p.add_argument("--torch_threads", type=int, default=None,
+                 help="override torch.set_num_threads (default: --threads, i.e. matching JAX)")
+  p.add_argument("--out", default=None, help="JSON results file")
+  p.add_argument("--workdir", default=None, help="where specs, tokens and side results go "
+                 "(default: a temporary directory, removed at the end)")
+  p.add_argument("--memory", action="store_true",
+                 help="peak memory of one scoring step of (b) per chunk width and candidate count")
+  p.add_argument("--memory_widths", default="1,4")
+  p.add_argument("--memory_candidates", default="all,8", help="comma list; 'all' = 2L")
+  p.add_argument("--side", choices=("official", "jax", "memprobe"), help=argparse.SUPPRESS)
+  p.add_argument("--spec", help=argparse.SUPPRESS)
+  p.add_argument("--result", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  args = parse_args(argv)
+  if args.side:
+    return _side_main(args)
+  with tempfile.TemporaryDirectory(prefix="bench_scorer_") as tmp:
+    if args.workdir is None:
+      args.workdir = tmp
+    else:
+      os.makedirs(args.workdir, exist_ok=True)
+    return run_memory(args) if args.memory else run_compare(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,47 @@
+"""Runs greedy searches of the tiny model on several meshes and backends; one JSON line each.
+
+Used by test_scorer.py in a subprocess with 8 simulated CPU devices: a collective that deadlocks
+on a mesh makes XLA abort the whole process, which must fail one test, not kill the test session.
+
+  python tests/mesh_worker.py OUT.jsonl CAND,MODEL,WIDTH,BACKEND ...
+"""
+import json
+import os
+import sys
+import time
+
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import finercut_ref as R  # noqa: E402
+from finercut_jax.scorer import Scorer  # noqa: E402
+from finercut_jax.search import SearchSpec, greedy_search  # noqa: E402
+from finercut_jax.sharding import make_mesh  # noqa: E402
+
+
+def main(out_path, specs):
+  assert len(jax.devices()) == 8, jax.devices()
+  cfg, params, tokens = R.tiny_model()
+  with open(out_path, "w") as out:
+    for spec in specs:
+      cand, model, width, backend = spec.split(",")
+      # Announced first: if the process dies in this config, the test names it.
+      out.write(json.dumps({"config": spec, "started": True}) + "\n")
+      out.flush()
+      begin = time.perf_counter()
+      scorer = Scorer(params, cfg, tokens, metric="js", chunk_width=int(width),
+                      position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
+                      backend=backend, max_candidates=2 * cfg.num_layers)
+      steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
+      out.write(json.dumps({"config": spec, "digest": R.params_digest(params, tokens),
+                            "seconds": time.perf_counter() - begin, "steps": steps}) + "\n")
+      out.flush()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2:])
