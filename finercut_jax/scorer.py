@@ -123,7 +123,7 @@ class Scorer:
     self.chunk_width = chunk_width
     self.num_sublayers = cfg.num_sublayers
     self.dtype = dtype or params["embed"].dtype
-    self.params = shard_params(params, self.mesh)
+    self.params = shard_params(params, self.mesh, cfg)
     self._flops = sublayer_flops(cfg, n, t)
 
     d = self.mesh.shape[CAND]

@@ -100,7 +100,8 @@ def load_state(path: str | None, fingerprint: dict) -> list[dict]:
     state = json.load(f)
   if state.get("fingerprint") != fingerprint:
     raise SearchStateError(
-        f"{path} holds a different search (model, data, metric or pool differ); "
+        f"{path} holds a different search (model, dtype, calibration tokens, metric, pool, "
+        f"protect_front or one_shot differ); "
         f"use a new run directory or delete it to start over")
   return state["steps"]
 
@@ -109,7 +110,11 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
                   fingerprint: dict | None = None,
                   on_step: Callable[[dict], None] | None = None) -> list[dict]:
   """Runs (or resumes) the search; returns one record per removal, in order."""
-  fingerprint = dict(fingerprint or {}, spec=dataclasses.asdict(spec))
+  # The ordering does not depend on how far it runs: a longer or shorter run may resume it.
+  identity = dataclasses.asdict(spec)
+  if not spec.one_shot:
+    identity.pop("num_steps")
+  fingerprint = dict(fingerprint or {}, spec=identity)
   steps = load_state(state_path, fingerprint)
   pool = spec.pool_candidates()
 
@@ -135,7 +140,9 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
   while len(steps) < spec.total_steps:
     removed = {r["sublayer"] for r in steps}
     front = spec.protected_blocks(len(steps))
-    candidates = [c for c in pool if c.start not in removed and c.start >= 2 * front]
+    remaining = [c for c in pool if c.start not in removed]
+    # Protection never leaves the search without candidates: it lifts when the rest are gone.
+    candidates = [c for c in remaining if c.start >= 2 * front] or remaining
     keep = keep_mask(spec.num_layers, [r["sublayers"] for r in steps])
     # Last step's scores order this one's (the best first tightens early termination).
     previous = steps[-1]["scores"] if steps and "scores" in steps[-1] else {}

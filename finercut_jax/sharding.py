@@ -49,28 +49,34 @@ def make_mesh(cand: int | None = None, model: int = 1, devices=None) -> Mesh:
   return Mesh(grid, (CAND, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def logical_spec(axes, shape, mesh: Mesh) -> P:
-  """PartitionSpec for a tensor with the given logical axes, replicating what does not divide."""
+def logical_spec(axes, shape, mesh: Mesh, units: dict | None = None) -> P:
+  """PartitionSpec for a tensor with the given logical axes, replicating what does not divide.
+
+  `units` gives, for axes such as heads, how many indivisible units a dimension holds (a head is
+  never split across devices): the mesh axis must divide the unit count, not just the size.
+  """
+  units = units or {}
   spec = []
   for name, size in zip(axes, shape):
     mesh_axis = RULES.get(name)
-    if mesh_axis is not None and size % mesh.shape[mesh_axis] == 0:
+    if mesh_axis is not None and units.get(name, size) % mesh.shape[mesh_axis] == 0:
       spec.append(mesh_axis)
     else:
       spec.append(None)
   return P(*spec)
 
 
-def param_sharding_fn(mesh: Mesh):
-  """`sharding_fn(name, shape)` for `loading.load_params`."""
+def param_sharding_fn(mesh: Mesh, cfg=None):
+  """`sharding_fn(name, shape)` for `loading.load_params`; `cfg` (a LlamaConfig) keeps heads whole."""
+  units = {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads} if cfg is not None else {}
   def fn(name, shape):
-    return NamedSharding(mesh, logical_spec(PARAM_AXES[name], shape, mesh))
+    return NamedSharding(mesh, logical_spec(PARAM_AXES[name], shape, mesh, units))
   return fn
 
 
-def shard_params(params, mesh: Mesh):
+def shard_params(params, mesh: Mesh, cfg=None):
   """Places an existing parameter pytree on the mesh according to `RULES`."""
-  fn = param_sharding_fn(mesh)
+  fn = param_sharding_fn(mesh, cfg)
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jax.device_put(x, fn(path[-1].key, x.shape)), params)
 

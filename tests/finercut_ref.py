@@ -10,9 +10,11 @@ The tiny model: 6 blocks (12 sublayers, so the prefix-reuse accounting of test 4
 bound), GQA with 8 query and 4 KV heads of head_dim 4, hidden 16, FFN 32, vocab 64. Every
 tensor-parallel dimension (heads, KV heads, FFN units, vocab) divides a 4-way model axis at head
 granularity. Weights have std 0.3 (not 0.02) so that every sublayer matters: the scores are
-O(1e-2..1), far above float32 rounding, and the greedy steps have clear winners. Norm weights are
-1 + 0.1*normal, so that a norm weight not applied shows. The weights are drawn with numpy, not
-`init_params`: on CPU, XLA takes seconds to compile `jax.random.normal` for each new shape.
+O(1e-4..10) by metric (js_official, averaged over the vocabulary too, is the smallest), far
+above float32 rounding relative to each metric's scale, and the greedy steps have clear winners.
+Norm weights are 1 + 0.1*normal, so that a norm weight not applied shows. The weights are drawn
+with numpy, not `init_params`: on CPU, XLA takes seconds to compile `jax.random.normal` for each
+new shape.
 """
 from __future__ import annotations
 

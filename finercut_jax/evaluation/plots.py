@@ -58,7 +58,10 @@ def layer_map(ranking: dict, masks: dict, path: str, title: str = "") -> str:
   axes[-1, 0].set_xlabel("block")
   fig.suptitle(title or "Removed sublayers (colour: greedy step of removal; grey: kept)",
                fontsize=10)
-  fig.colorbar(image, ax=axes[:, 0].tolist(), label="greedy step", fraction=0.03)
+  from matplotlib.ticker import MaxNLocator
+  bar = fig.colorbar(image, ax=axes[:, 0].tolist(), label="greedy step", fraction=0.03)
+  bar.locator = MaxNLocator(integer=True)
+  bar.update_ticks()
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return path

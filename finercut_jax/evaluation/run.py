@@ -31,14 +31,14 @@ def default_eval_config() -> ml_collections.ConfigDict:
   # Comma-separated; any of arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
   # openbookqa, lambada, mmlu.
   c.tasks = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,openbookqa,lambada"
-  c.limit = 6  # first documents per task (MMLU: per subject); 0 = all
+  c.limit = 5  # first documents per task (MMLU: per subject); 0 = all
   c.mmlu_limit = config_dict.placeholder(int)  # per-subject limit for MMLU; None: `limit`
   c.ratios = ""  # comma-separated subset of masks.json's ratios; "": all of them
 
   c.perplexity = ml_collections.ConfigDict()
   c.perplexity.enabled = True
   c.perplexity.source = ""  # "": the calibration source, from its end (held out)
-  c.perplexity.num_tokens = 1024
+  c.perplexity.num_tokens = 512
   c.perplexity.seq_len = 0  # 0: the calibration sequence length
   c.perplexity.batch_size = 2
 
@@ -117,7 +117,8 @@ def heldout_for_run(run_config: dict, tokenizer, eval_config) -> tuple[np.ndarra
 
 def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, scoring=None,
                    log=print) -> dict:
-  """Perplexity, benchmarks and throughput of one model, as a JSON-ready dict."""
+  """Perplexity and benchmarks of one model, as a JSON-ready dict (throughput is measured for
+  all models together, interleaved: `throughput.compare`)."""
   out: dict = {"name": model.name, "num_removed": model.num_removed,
                "num_attn": model.num_attn, "num_ffn": model.num_ffn,
                "keep": model.keep.tolist()}
@@ -137,19 +138,16 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
     out["benchmarks"] = {t: r.summary() for t, r in results.items()}
     out["average"] = benchmarks.average(results)
     out["limits"] = limits
-  if eval_config.throughput.enabled:
-    tp = eval_config.throughput
-    out["throughput"] = throughput.measure(model, batch_size=tp.batch_size,
-                                           prompt_len=tp.prompt_len,
-                                           decode_steps=tp.decode_steps, repeats=tp.repeats)
-    log(f"  {model.name}: prefill {out['throughput']['prefill_tokens_per_s']:.1f} tok/s, "
-        f"decode {out['throughput']['decode_tokens_per_s']:.1f} tok/s")
   out["seconds"] = time.perf_counter() - start
   return out
 
 
 def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
-  """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report."""
+  """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
+
+  Rerunning with the same settings reuses the models already in `eval_results.json` (matched by
+  keep mask), so an interrupted evaluation resumes.
+  """
   from finercut_jax import checkpoint
   from finercut_jax.io import atomic_write_json
   eval_config = resolve_eval_config(eval_config)
@@ -162,44 +160,65 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
   ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
                   key=float)
   scoring = scoring_config(eval_config.scoring)
+  path = os.path.join(run_dir, "eval_results.json")
+  settings = json.loads(eval_config.to_json())
+  previous = _read_json(path, {})
+  reusable = previous.get("models", {}) if previous.get("eval_config") == settings else {}
 
   log(f"evaluating {run_dir}: dense + ratios {ratios}")
   dense_model, tokenizer = checkpoint.load_source_model(run_dir)
   dense = EvalModel.wrap(dense_model, "dense")
-  heldout = heldout_for_run(run_config, tokenizer, eval_config) \
-      if eval_config.perplexity.enabled else None
-  results = {"run_dir": os.path.abspath(run_dir), "model": (ranking or {}).get("model") or
-             run_config.get("model", {}).get("path"),
-             "eval_config": json.loads(eval_config.to_json()), "models": {}}
-  path = os.path.join(run_dir, "eval_results.json")
+  models = {"dense": (dense, 0.0, "source")}
+  for ratio in ratios:
+    keep = np.asarray(masks[ratio], bool)
+    try:
+      pruned_model, _ = checkpoint.load_pruned(run_dir, float(ratio))
+      model, source = EvalModel.wrap(pruned_model, f"ratio {float(ratio):g}"), "checkpoint"
+      if not np.array_equal(model.keep, keep):
+        raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "
+                         f"ratio {ratio}")
+    except FileNotFoundError:
+      # No checkpoint written (config.checkpoint=False): prune the dense weights by the mask.
+      model = EvalModel.from_dense(dense.cfg, dense_model.params(), keep,
+                                   name=f"ratio {float(ratio):g}", dtype=dense.dtype)
+      source = "mask"
+    models[ratio] = (model, float(ratio), source)
+
+  results = {"run_dir": os.path.abspath(run_dir),
+             "model": (ranking or {}).get("model") or run_config.get("model", {}).get("path"),
+             "eval_config": settings, "models": {}}
 
   def record(key, entry):
     results["models"][key] = entry
     atomic_write_json(path, results)
 
-  record("dense", {"ratio": 0.0, **evaluate_model(dense, tokenizer, eval_config,
-                                                  heldout=heldout, scoring=scoring, log=log)})
-  for ratio in ratios:
-    keep = np.asarray(masks[ratio], bool)
-    source = "checkpoint"
-    try:
-      pruned_model, _ = checkpoint.load_pruned(run_dir, float(ratio))
-      model = EvalModel.wrap(pruned_model, f"ratio {float(ratio):g}")
-      if not np.array_equal(model.keep, keep):
-        raise ValueError(f"the checkpoint's keep mask differs from masks.json at ratio {ratio}")
-    except FileNotFoundError:
-      # No checkpoint written (config.checkpoint=False): prune the dense weights by the mask.
-      source = "mask"
-      model = EvalModel.from_dense(dense.cfg, dense_model.params(), keep,
-                                   name=f"ratio {float(ratio):g}", dtype=dense.dtype)
+  heldout = None
+  for key, (model, ratio, source) in models.items():
+    old = reusable.get(key)
+    if old is not None and old.get("keep") == model.keep.tolist():
+      log(f"  {model.name}: reusing the results in {path}")
+      record(key, old)
+      continue
+    if heldout is None and eval_config.perplexity.enabled:
+      heldout = heldout_for_run(run_config, tokenizer, eval_config)
     entry = evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
                            log=log)
-    entry.update(ratio=float(ratio), source=source)
-    if "throughput" in entry and "throughput" in results["models"]["dense"]:
-      entry["throughput_vs_dense"] = throughput.relative_to(
-          results["models"]["dense"]["throughput"], entry["throughput"])
-    record(ratio, entry)
-    del model
+    record(key, {"ratio": ratio, "source": source, **entry})
+
+  if eval_config.throughput.enabled and not all(
+      "throughput" in results["models"][k] for k in models):
+    tp = eval_config.throughput
+    measured = throughput.compare({k: m for k, (m, _, _) in models.items()},
+                                  batch_size=tp.batch_size, prompt_len=tp.prompt_len,
+                                  decode_steps=tp.decode_steps, repeats=tp.repeats)
+    for key, entry in results["models"].items():
+      entry["throughput"] = measured[key]
+      if key != "dense":
+        entry["throughput_vs_dense"] = throughput.relative_to(measured["dense"], measured[key])
+      log(f"  {entry['name']}: prefill {measured[key]['prefill_tokens_per_s']:.1f} tok/s, "
+          f"decode {measured[key]['decode_tokens_per_s']:.1f} tok/s")
+    atomic_write_json(path, results)
+  del models
 
   if eval_config.plots:
     results["plots"] = {k: os.path.basename(v) for k, v in

@@ -38,47 +38,67 @@ def flops_per_token(cfg: LlamaConfig, keep, context: float) -> dict:
           "ffn": n_ffn * ffn, "lm_head": head}
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
+class _Timer:
+  """Compiled prefill and decode of one model on fixed prompts."""
+
+  def __init__(self, model: EvalModel, tokens, decode_steps: int):
+    self.model, self.tokens, self.decode_steps = model, tokens, decode_steps
+    self.batch_size, self.prompt_len = tokens.shape
+    self.lengths = jnp.full((self.batch_size,), self.prompt_len, jnp.int32)
+    self.max_len = self.prompt_len + decode_steps + 1
+    self.dtype = jnp.dtype(model.compute_dtype)
+    self.sched = jnp.asarray(model.schedule)
+    jax.block_until_ready(self.decode(*self.prefill()))  # compile both
+    self.prefill_times, self.decode_times = [], []
+
+  def prefill(self):
+    m = self.model
+    cache = decode.init_cache(m.cfg, m.num_attn, self.batch_size, self.max_len, self.dtype)
+    return decode.prefill(m.params, self.sched, self.tokens, self.lengths, cache, cfg=m.cfg,
+                          dtype=self.dtype.name)
+
+  def decode(self, logits, cache):
+    m = self.model
+    return decode.greedy_steps(m.params, self.sched, logits, cache, self.lengths, cfg=m.cfg,
+                               dtype=self.dtype.name, num_steps=self.decode_steps)
+
+  def time_once(self):
     start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    logits, cache = jax.block_until_ready(self.prefill())
+    self.prefill_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    jax.block_until_ready(self.decode(logits, cache))
+    self.decode_times.append(time.perf_counter() - start)
+
+
+def compare(models: dict, *, batch_size: int = 1, prompt_len: int = 128, decode_steps: int = 32,
+            repeats: int = 3, seed: int = 0, tokens: np.ndarray | None = None) -> dict:
+  """`measure` for several models on the same prompts, their repeats interleaved (a model is
+  never timed in one burst while another sees different machine load)."""
+  models = {k: EvalModel.wrap(m) for k, m in models.items()}
+  if tokens is None:
+    vocab = min(m.cfg.vocab_size for m in models.values())
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch_size, prompt_len))
+  tokens = jnp.asarray(np.asarray(tokens, np.int32).reshape(batch_size, prompt_len))
+  timers = {k: _Timer(m, tokens, decode_steps) for k, m in models.items()}
+  for _ in range(repeats):
+    for timer in timers.values():
+      timer.time_once()
+  return {k: _report(t, repeats) for k, t in timers.items()}
 
 
 def measure(model, *, batch_size: int = 1, prompt_len: int = 128, decode_steps: int = 32,
             repeats: int = 3, seed: int = 0, tokens: np.ndarray | None = None) -> dict:
   """Parameters, FLOPs per token and measured prefill / decode tokens per second."""
-  model = EvalModel.wrap(model)
-  cfg = model.cfg
-  if tokens is None:
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch_size, prompt_len))
-  tokens = jnp.asarray(np.asarray(tokens, np.int32).reshape(batch_size, prompt_len))
-  lengths = jnp.full((batch_size,), prompt_len, jnp.int32)
-  max_len = prompt_len + decode_steps + 1
-  dtype = jnp.dtype(model.compute_dtype)
-  sched = jnp.asarray(model.schedule)
+  return compare({"model": model}, batch_size=batch_size, prompt_len=prompt_len,
+                 decode_steps=decode_steps, repeats=repeats, seed=seed, tokens=tokens)["model"]
 
-  def run_prefill():
-    cache = decode.init_cache(cfg, model.num_attn, batch_size, max_len, dtype)
-    return decode.prefill(model.params, sched, tokens, lengths, cache, cfg=cfg, dtype=dtype.name)
 
-  run_prefill()  # compile
-  prefill_s = _median_time(lambda: run_prefill()[0], repeats)
-
-  def run_decode(logits, cache):
-    return decode.greedy_steps(model.params, sched, logits, cache, lengths, cfg=cfg,
-                               dtype=dtype.name, num_steps=decode_steps)
-
-  jax.block_until_ready(run_decode(*run_prefill()))  # compile
-  decode_times = []
-  for _ in range(repeats):
-    logits, cache = jax.block_until_ready(run_prefill())
-    start = time.perf_counter()
-    jax.block_until_ready(run_decode(logits, cache))
-    decode_times.append(time.perf_counter() - start)
-  decode_s = float(np.median(decode_times))
+def _report(timer: _Timer, repeats: int) -> dict:
+  model, cfg = timer.model, timer.model.cfg
+  batch_size, prompt_len, decode_steps = timer.batch_size, timer.prompt_len, timer.decode_steps
+  prefill_s = float(np.median(timer.prefill_times))
+  decode_s = float(np.median(timer.decode_times))
 
   prefill_flops = flops_per_token(cfg, model.keep, (prompt_len + 1) / 2)
   decode_flops = flops_per_token(cfg, model.keep, prompt_len + decode_steps / 2)
