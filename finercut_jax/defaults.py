@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from finercut_jax.evaluation.run import default_eval_config
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -29,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.scorer = ml_collections.ConfigDict()
   c.scorer.backend = "jit"  # jit (jit + shard_map) | pmap
   c.scorer.chunk_width = 1  # candidates per vmapped chunk per device (1 on CPU; 4-16 on GPU/TPU)
-  c.scorer.position_block = 512  # positions per fused LM-head + divergence block
+  c.scorer.position_block = 256  # positions per fused LM-head + divergence block (early-stop granularity)
   c.scorer.mesh_model = 1  # tensor-parallel width; the candidate axis takes the other devices
   c.scorer.mesh_cand = 0  # 0: all devices not used by the model axis
   c.scorer.reuse_states = True  # keep candidates' states across steps (memory for compute)
@@ -37,6 +39,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.enabled = False
+  # Evaluation of the dense and pruned models after the search (finercut_jax/evaluation).
+  c.eval = default_eval_config()
   return c

@@ -6,7 +6,7 @@ the plots and `report.md` into the run directory.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from finercut_jax.evaluation.run import default_eval_config
@@ -19,6 +19,8 @@ _EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   from finercut_jax.evaluation.run import evaluate_run
   evaluate_run(_RUN_DIR.value, _EVAL.value)
 

@@ -500,6 +500,9 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
       "search": {"metric": "js", "pool": "sublayers"}}))
   (run / "masks.json").write_text(json.dumps(masks))
   (run / "ranking.json").write_text(json.dumps(_synthetic_ranking(L, order)))
+  from finercut_jax.data import token_stream
+  stream = token_stream(tokenizer, "packaged")
+  np.save(run / "calibration_tokens.npy", stream[:64].reshape(2, 32))
   dense, tok = load_model(str(src))
   checkpoint.save_pruned(checkpoint.pruned_dir(str(run), 0.25), dense.config, dense.params(),
                          np.asarray(masks["0.25"]), tokenizer=tok, source=str(src))
@@ -525,8 +528,7 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   assert results["models"]["0.5"]["throughput"]["params"] < results["models"]["dense"][
       "throughput"]["params"]
   # The dense model's perplexity equals a direct computation on the same held-out tokens.
-  from finercut_jax.data import token_stream
-  held = token_stream(tokenizer, "packaged")[64:64 + 96].reshape(3, 32)
+  held = stream[64:64 + 96].reshape(3, 32)
   logp = _log_softmax(np.asarray(dense(jnp.asarray(held)), np.float64))
   nll = -np.take_along_axis(logp[:, :-1], held[:, 1:, None], -1).mean()
   assert results["models"]["dense"]["perplexity"]["nll"] == pytest.approx(nll, abs=1e-4)
@@ -540,3 +542,6 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   for name in ("layer_map.png", "score_per_step.png", "metrics_vs_ratio.png"):
     assert (run / name).is_file() and f"]({name})" in report
   assert "| dense |" in report and "PIQA" in report and "Decode tok/s" in report
+  # Held-out text is refused when the run's calibration tokens are not where it assumes them.
+  with pytest.raises(perplexity.HeldOutError, match="calibration tokens"):
+    perplexity.heldout_tokens(tokenizer, "packaged", 64, 96, calibration=stream[1:65])

@@ -141,10 +141,6 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
   return -(-n // last) * last
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 @dataclasses.dataclass
 class _Row:
   tokens: tuple
@@ -185,8 +181,9 @@ def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int
     per_batch = max(1, min(config.max_batch, config.tokens_per_batch // S))
     for b0 in range(0, len(group), per_batch):
       batch = group[b0:b0 + per_batch]
-      # The last, partial batch is padded to a power of two rows, not to a full batch.
-      B = min(per_batch, _pow2_at_least(len(batch)))
+      # A partial batch is padded to a full one: one compiled shape per (bucket, slots), and
+      # on a CPU (compute-bound) a small `tokens_per_batch` keeps the padding cheap.
+      B = per_batch
       tokens = np.zeros((B, S), np.int32)
       pos = np.zeros((B, C), np.int32)
       tgt = np.zeros((B, C), np.int32)

@@ -23,10 +23,22 @@ class HeldOutError(ValueError):
   """Not enough held-out text."""
 
 
-def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int) -> np.ndarray:
-  """`num_tokens` ids of `source`'s token stream starting at `offset` (the calibration set's end)."""
+def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int, *,
+                   calibration: np.ndarray | None = None) -> np.ndarray:
+  """`num_tokens` ids of `source`'s token stream starting at `offset` (the calibration set's end).
+
+  With `calibration` (a run's calibration tokens), the stream is checked to start with exactly
+  them, so the held-out text provably follows the calibration text.
+  """
   from finercut_jax.data import token_stream
   stream = token_stream(tokenizer, source)
+  if calibration is not None:
+    calibration = np.asarray(calibration).reshape(-1)
+    if offset != len(calibration) or not np.array_equal(stream[:offset], calibration):
+      raise HeldOutError(
+          f"the run's calibration tokens are not the first {offset} tokens of {source!r} as "
+          f"tokenized now (tokenizer or data code changed since the search?): the held-out "
+          f"text cannot be placed after them; set eval.perplexity.source to another text")
   available = len(stream) - offset
   if available < 2:
     raise HeldOutError(f"text source {source!r} has {len(stream)} tokens: nothing is left after "

@@ -54,7 +54,8 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
               "OpenBookQA; acc otherwise), lm-eval-harness scoring. Documents per task: "
               + ", ".join(f"{DISPLAY[t]} {ordered[0]['benchmarks'][t]['num_docs']}"
                           for t in ordered[0]["benchmarks"])
-              + (f" (limit {', '.join(str(v) for v in lim)}; MMLU's is per subject)"
+              + (f" (limit {', '.join(str(v) for v in lim)}"
+                 + ("; MMLU's is per subject" if "mmlu" in limits else "") + ")"
                  if any(v is not None for v in lim) else "") + ".", "",
               results_table(bench_rows), ""]
     extra = []

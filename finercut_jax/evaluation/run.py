@@ -52,7 +52,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.scoring = ml_collections.ConfigDict()
   c.scoring.seq_buckets = "32,64,128,256,512,768,1024,1536,2048"
   c.scoring.slot_buckets = "16,64,256,1024"
-  c.scoring.tokens_per_batch = 1024  # 8192+ on accelerators
+  c.scoring.tokens_per_batch = 256  # rows per batch = this // bucket length; 8192+ on accelerators
   c.scoring.max_batch = 64
   c.scoring.max_length = 2048
 
@@ -102,7 +102,8 @@ def _read_json(path, default=None):
     return json.load(f)
 
 
-def heldout_for_run(run_config: dict, tokenizer, eval_config) -> tuple[np.ndarray, dict]:
+def heldout_for_run(run_config: dict, tokenizer, eval_config, run_dir: str | None = None
+                    ) -> tuple[np.ndarray, dict]:
   """Held-out perplexity tokens for a run, and where they came from."""
   data_cfg = run_config.get("data", {})
   calib_source = data_cfg.get("source", "packaged")
@@ -110,7 +111,12 @@ def heldout_for_run(run_config: dict, tokenizer, eval_config) -> tuple[np.ndarra
   source = eval_config.perplexity.source or calib_source
   # The calibration set is the first N*T tokens of its source: start after it.
   offset = n * t if source == calib_source else 0
-  tokens = perplexity.heldout_tokens(tokenizer, source, offset, eval_config.perplexity.num_tokens)
+  calibration = None
+  calib_path = os.path.join(run_dir, "calibration_tokens.npy") if run_dir else None
+  if offset and calib_path and os.path.isfile(calib_path):
+    calibration = np.load(calib_path)
+  tokens = perplexity.heldout_tokens(tokenizer, source, offset, eval_config.perplexity.num_tokens,
+                                     calibration=calibration)
   return tokens, {"source": source, "offset": offset, "num_tokens": int(len(tokens)),
                   "seq_len": int(eval_config.perplexity.seq_len or t)}
 
@@ -185,7 +191,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
     models[ratio] = (model, float(ratio), source)
 
   results = {"run_dir": os.path.abspath(run_dir),
-             "model": (ranking or {}).get("model") or run_config.get("model", {}).get("path"),
+             "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
              "eval_config": settings, "models": {}}
 
   def record(key, entry):
@@ -200,7 +206,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
       record(key, old)
       continue
     if heldout is None and eval_config.perplexity.enabled:
-      heldout = heldout_for_run(run_config, tokenizer, eval_config)
+      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
     entry = evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
                            log=log)
     record(key, {"ratio": ratio, "source": source, **entry})
