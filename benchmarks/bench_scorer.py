@@ -508,6 +508,15 @@ def _print_table(info, off, jx, agreement):
         f"{(off['total_seconds'] - off['reference_seconds']) / jx['search_seconds']:.2f}x; steps "
         f"after the first: median per-step ratio "
         f"{_median([a['seconds'] / b['seconds'] for a, b in zip(off['per_step'][1:], jx['per_step'][1:])]) or float('nan'):.2f}x")
+  def load(side):
+    return "; ".join(f"{s[0]:.1f} -> {e[0]:.1f}" for s, e in side["loadavg"] if s and e)
+  print(f"1-min load average (start -> end of the search) on {os.cpu_count()} CPUs: (a) "
+        f"{load(off)}, (b) {load(jx)}")
+  busy = [x for s, e in off["loadavg"] + jx["loadavg"] if s and e for x in (s[0], e[0])]
+  if busy and max(busy) > info["threads"] + 1:
+    print(f"  warning: other processes were running (load > this benchmark's {info['threads']} "
+          f"threads + 1): timings are noisy, and multi-threaded torch suffers much more from "
+          f"contention than XLA does; compare a --threads 1 run")
   print(f"peak host memory (search region; RSS at its start): (a) "
         f"{off['memory_peak_bytes'] / MIB:.0f} MiB ({off['memory_start_bytes'] / MIB:.0f}), (b) "
         f"{jx['memory_peak_bytes'] / MIB:.0f} MiB ({jx['memory_start_bytes'] / MIB:.0f}) "
@@ -518,6 +527,7 @@ def run_compare(args) -> int:
   cpus = _cpus(args)
   info, cfg = _prepare(args)
   env = _environment(cpus)
+  info["threads"] = len(cpus)
   base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
           "steps": info["steps"], "metric": args.metric, "threads": len(cpus),
           "torch_threads": args.torch_threads or len(cpus),

@@ -22,4 +22,8 @@ def get_config():
   c.scorer.chunk_width = 8
   c.scorer.mesh_model = 1
   c.scorer.reuse_states = True  # kept candidate states cost 2L/state_every x N*T*D per candidate
+  c.eval.enabled = True
+  c.eval.limit = 1000  # the paper's first 1000 documents per task
+  c.eval.tasks += ",mmlu"
+  c.eval.scoring.tokens_per_batch = 16384
   return c

@@ -19,4 +19,5 @@ def get_config():
   c.scorer.position_block = 64  # small blocks let hopeless candidates stop early
   c.search.ratio = 0.25
   c.search.mask_ratios = (0.125, 0.25)
+  c.eval.enabled = True  # dense + both ratios, 5 documents per task: a few minutes here
   return c

@@ -41,4 +41,5 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Evaluation of the dense and pruned models after the search (finercut_jax/evaluation).
   c.eval = default_eval_config()
+  c.eval.enabled = False  # config files switch it on
   return c

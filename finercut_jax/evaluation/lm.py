@@ -231,6 +231,9 @@ def prefix_token_id(tokenizer) -> int:
   """What conditions an empty context: BOS, else EOS (as lm-eval's HFLM)."""
   if tokenizer.bos_token_id is not None:
     return int(tokenizer.bos_token_id)
+  if tokenizer.eos_token_id is None:
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token, so an empty context "
+                     "cannot be scored; give it one (e.g. tokenizer.eos_token = ...)")
   return int(tokenizer.eos_token_id)
 
 
