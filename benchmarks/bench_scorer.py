@@ -220,7 +220,7 @@ def side_jax(spec: dict) -> dict:
     t0 = time.perf_counter()
     scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
                     position_block=spec["position_block"],
-                    max_candidates=len(sspec.pool_candidates()))
+                    max_candidates=len(sspec.pool_candidates()), **spec["scorer_kwargs"])
     jax.block_until_ready(scorer.reference)
     t1 = time.perf_counter()
     records = greedy_search(scorer, sspec, on_step=on_step)
@@ -238,7 +238,8 @@ def side_jax(spec: dict) -> dict:
       "matmul": matmul,
       "steps": [{"step": r["step"], "sublayer": r["sublayer"], "kind": r["kind"],
                  "block": r["block"], "score": r["score"], "seconds": w,
-                 "score_seconds": r["seconds"], "stats": r["stats"], "scores": r["scores"]}
+                 "score_seconds": r["seconds"], "stats": r["stats"], "scores": r["scores"],
+                 **({"complete": r["complete"]} if isinstance(r.get("complete"), dict) else {})}
                 for r, w in zip(records, walls)],
   }
 
@@ -259,9 +260,13 @@ def side_memprobe(spec: dict) -> dict:
          "position_block": spec["position_block"], "load_seconds": load_seconds}
   with PeakMemory() as mem:
     scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
-                    position_block=spec["position_block"], max_candidates=count)
+                    position_block=spec["position_block"], max_candidates=count,
+                    **spec["scorer_kwargs"])
     jax.block_until_ready(scorer.reference)
   out["setup_memory"] = mem.as_dict()
+  # The arrays the scorer holds for the whole search (caches, reference), by attribute.
+  out["held_arrays_bytes"] = {k: int(v.nbytes) for k, v in vars(scorer).items()
+                              if isinstance(v, jax.Array) and k != "params"}
   for name in ("first_call", "second_call"):
     with PeakMemory() as mem:
       scores, stats = scorer.score(keep, candidates)
@@ -451,8 +456,10 @@ def _score_agreement(official_run: dict, jax_run: dict) -> list[float]:
   """Per step: max relative difference of the candidates' scores between the two sides."""
   out = []
   for a, b in zip(official_run["steps"], jax_run["steps"]):
+    # Scores our search reports as lower bounds (early termination) are not compared.
+    complete = b.get("complete") or {}
     rel = [abs(a["scores"][k] - b["scores"][k]) / max(abs(a["scores"][k]), 1e-30)
-           for k in a["scores"] if k in b["scores"]]
+           for k in a["scores"] if k in b["scores"] and complete.get(k, True)]
     out.append(max(rel) if rel else None)
   return out
 
@@ -478,7 +485,8 @@ def _print_table(info, off, jx, agreement):
     print(f"{a['step']:>4} {a['kind'] + str(a['block']) + same:>9} {a['num_candidates']:>3} "
           f"{_fmt_s(a['seconds']):>8} {_fmt_s(b['seconds']):>8} "
           f"{a['seconds'] / b['seconds']:>7.2f} "
-          f"{b['evaluations']:>6}/{b['naive_evaluations']:<5} ({b['evaluations'] / b['naive_evaluations']:.2f}) "
+          f"{b['evaluations']:>6}/{b['naive_evaluations']:<5} "
+          f"({b['evaluations'] / b['naive_evaluations']:.2f}) "
           f"{b['flops_per_second'] / 1e9:>10.1f} {100 * b['fraction_of_matmul_peak']:>5.1f}% "
           f"{a['flops_per_second'] / 1e9:>11.1f} {100 * a['fraction_of_matmul_peak']:>5.1f}% "
           f"{('-' if d is None else f'{d:.1e}'):>12}")
@@ -504,10 +512,11 @@ def _print_table(info, off, jx, agreement):
         f"({100 * (later or 0) / jx['matmul_peak_flops_per_second']:.0f}%) of its jnp float32 "
         f"matmul peak {jx['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s (best of "
         f"{', '.join(f'{m}x{k}@{k}x{n}' for m, k, n in MATMUL_SHAPES)}, before and after)")
+  later = _median([a["seconds"] / b["seconds"]
+                   for a, b in zip(off["per_step"][1:], jx["per_step"][1:])])
   print(f"ratio (a)/(b): total {off['total_seconds'] / jx['total_seconds']:.2f}x; steps only "
         f"{(off['total_seconds'] - off['reference_seconds']) / jx['search_seconds']:.2f}x; steps "
-        f"after the first: median per-step ratio "
-        f"{_median([a['seconds'] / b['seconds'] for a, b in zip(off['per_step'][1:], jx['per_step'][1:])]) or float('nan'):.2f}x")
+        f"after the first: median per-step ratio {'-' if later is None else f'{later:.2f}x'}")
   def load(side):
     return "; ".join(f"{s[0]:.1f} -> {e[0]:.1f}" for s, e in side["loadavg"] if s and e)
   print(f"1-min load average (start -> end of the search) on {os.cpu_count()} CPUs: (a) "
@@ -531,7 +540,8 @@ def run_compare(args) -> int:
   base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
           "steps": info["steps"], "metric": args.metric, "threads": len(cpus),
           "torch_threads": args.torch_threads or len(cpus),
-          "position_block": args.position_block, "matmul_repeats": args.matmul_repeats}
+          "position_block": args.position_block, "matmul_repeats": args.matmul_repeats,
+          "scorer_kwargs": args.scorer_kwargs}
   widths = [int(w) for w in args.chunk_widths.split(",")]
   print(f"[bench] {info['steps']} steps on {info['model_path']}, tokens {info['num_sequences']} x "
         f"{info['seq_len']}, metric {args.metric}, CPUs {cpus} ({len(cpus)} threads each side)",
@@ -542,7 +552,24 @@ def run_compare(args) -> int:
                    for r in range(args.repeats)]
   official_runs = [_child("official", base, cpus, args.workdir, f"official_r{r}")
                    for r in range(args.official_repeats or args.repeats)]
+  return report(info, cfg, env, official_runs, jax_runs, args.out)
 
+
+def _divergence_note(official_run: dict, jax_run: dict) -> str:
+  """Where two orderings part: both choices and both sides' scores of the two sublayers."""
+  for a, b in zip(official_run["steps"], jax_run["steps"]):
+    if a["sublayer"] != b["sublayer"]:
+      ka, kb = str(a["sublayer"]), str(b["sublayer"])
+      return (f"first difference at step {a['step']}: official removes {ka} "
+              f"(official {a['scores'].get(ka)!r}, ours {b['scores'].get(ka)!r}), "
+              f"ours removes {kb} "
+              f"(official {a['scores'].get(kb)!r}, ours {b['scores'].get(kb)!r})")
+  return "orderings differ in length"
+
+
+def report(info, cfg, env, official_runs, jax_runs, out=None) -> int:
+  """Summarizes, prints and writes the results; 1 if the selections differ anywhere."""
+  widths = list(jax_runs)
   off = _summarize_official(official_runs, cfg, info)
   results = {"benchmark": "bench_scorer", "config": info, "environment": env,
              "official": off, "jax": [], "raw": {"official": official_runs, "jax": jax_runs}}
@@ -553,19 +580,21 @@ def run_compare(args) -> int:
     agreement = _score_agreement(official_runs[0], jax_runs[w][0])
     jx["max_rel_score_diff_per_step"] = agreement
     jx["ratio_total"] = off["total_seconds"] / jx["total_seconds"]
-    jx["ratio_steps_only"] = (off["total_seconds"] - off["reference_seconds"]) / jx["search_seconds"]
+    jx["ratio_steps_only"] = ((off["total_seconds"] - off["reference_seconds"])
+                              / jx["search_seconds"])
     jx["ratio_per_step"] = [a["seconds"] / b["seconds"]
                             for a, b in zip(off["per_step"], jx["per_step"])]
     jx["same_selection"] = all(o == want for o in jx["orderings"])
-    mismatches += [f"jax chunk width {w} repeat {i}: {o}" for i, o in enumerate(jx["orderings"])
-                   if o != want]
+    mismatches += [f"jax chunk width {w} repeat {i}: {o}; "
+                   f"{_divergence_note(official_runs[0], jax_runs[w][i])}"
+                   for i, o in enumerate(jx["orderings"]) if o != want]
     results["jax"].append(jx)
     _print_table(info, off, jx, agreement)
   results["same_selection"] = not mismatches
-  if args.out:
-    with open(args.out, "w") as f:
+  if out:
+    with open(out, "w") as f:
       json.dump(results, f, indent=1)
-    print(f"\nresults written to {args.out}")
+    print(f"\nresults written to {out}")
   if mismatches:
     print("\n" + "!" * 78 + f"\nSELECTION MISMATCH: official ordering {want}\n  " +
           "\n  ".join(mismatches) + "\n" + "!" * 78, file=sys.stderr)
@@ -579,7 +608,8 @@ def run_memory(args) -> int:
   cpus = _cpus(args)
   info, cfg = _prepare(args)
   base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
-          "metric": args.metric, "position_block": args.position_block}
+          "metric": args.metric, "position_block": args.position_block,
+          "scorer_kwargs": args.scorer_kwargs}
   widths = [int(w) for w in args.memory_widths.split(",")]
   counts = [0 if c == "all" else int(c) for c in args.memory_candidates.split(",")]
   runs = []
@@ -588,53 +618,74 @@ def run_memory(args) -> int:
       r = _child("memprobe", dict(base, chunk_width=w, num_candidates=c), cpus, args.workdir,
                  f"mem_w{w}_c{c}")
       runs.append(r)
-  # Peak of the run-only call over the RSS with the model loaded (before Scorer(...)): what the
-  # step itself needs, free of small per-process differences in the interpreter's baseline.
+  # Per run, from the second (run-only) call, relative to the RSS with the model loaded (before
+  # Scorer(...)), which removes small per-process differences in the interpreter's baseline:
+  #   retained: what the scorer holds between steps (its caches, the reference, runtime pools);
+  #   working:  the step's transient working set (2nd call peak over its start);
+  #   total:    2nd call peak over the loaded model = retained + working.
   for r in runs:
-    r["step_peak_over_loaded_bytes"] = (r["second_call"]["memory"]["host_peak_bytes"]
-                                        - r["setup_memory"]["host_start_bytes"])
+    base_rss = r["setup_memory"]["host_start_bytes"]
+    m2 = r["second_call"]["memory"]
+    r["retained_bytes"] = m2["host_start_bytes"] - base_rss
+    r["working_set_bytes"] = m2["host_peak_bytes"] - m2["host_start_bytes"]
+    r["total_over_model_bytes"] = m2["host_peak_bytes"] - base_rss
   n, t = info["num_sequences"], info["seq_len"]
-  d, v, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+  v = cfg.vocab_size
   pb = runs[0]["effective_position_block"]
   print()
-  print(f"one scoring step of (b), all sublayers kept, {n} x {t} tokens, position block {pb}; "
-        f"peak host RSS per subprocess ({runs[0]['first_call']['memory']['method']})")
-  hdr = (f"{'width':>5} {'cands':>5} {'1st call peak':>14} {'(+ over start)':>14} "
-         f"{'2nd call peak':>14} {'(+ over start)':>14} {'over model':>10} {'W*pb*V*4':>9} "
-         f"{'2nd call s':>10}")
+  print(f"one scoring step of (b), all sublayers kept, {n} x {t} tokens, position block {pb}, "
+        f"scorer kwargs {args.scorer_kwargs or '{}'}; peak host RSS, one subprocess per row "
+        f"({runs[0]['first_call']['memory']['method']}); MiB")
+  hdr = (f"{'width':>5} {'cands':>5} {'1st call peak':>13} {'2nd call peak':>13} "
+         f"{'retained':>9} {'working set':>11} {'total':>7} {'held arrays':>11} "
+         f"{'W*pb*V*4':>8} {'2nd call s':>10}")
   print(hdr)
   print("-" * len(hdr))
   for r in runs:
     m1, m2 = r["first_call"]["memory"], r["second_call"]["memory"]
     r["logits_block_bytes"] = r["chunk_width"] * pb * v * 4
-    print(f"{r['chunk_width']:>5} {r['num_candidates']:>5} {m1['host_peak_bytes'] / MIB:>10.0f} MiB "
-          f"{m1['host_peak_delta_bytes'] / MIB:>10.0f} MiB {m2['host_peak_bytes'] / MIB:>10.0f} MiB "
-          f"{m2['host_peak_delta_bytes'] / MIB:>10.0f} MiB "
-          f"{r['step_peak_over_loaded_bytes'] / MIB:>6.0f} MiB {r['logits_block_bytes'] / MIB:>5.0f} MiB "
+    held = sum(r.get("held_arrays_bytes", {}).values())
+    print(f"{r['chunk_width']:>5} {r['num_candidates']:>5} {m1['host_peak_bytes'] / MIB:>13.0f} "
+          f"{m2['host_peak_bytes'] / MIB:>13.0f} {r['retained_bytes'] / MIB:>9.0f} "
+          f"{r['working_set_bytes'] / MIB:>11.0f} {r['total_over_model_bytes'] / MIB:>7.0f} "
+          f"{held / MIB:>11.0f} {r['logits_block_bytes'] / MIB:>8.0f} "
           f"{r['second_call']['stats']['seconds']:>10.2f}")
-  print("'over model': 2nd call peak minus the RSS with the model loaded, before Scorer(...) "
-        "(used for the verdict)")
-  print(f"fixed per search: prefix states 2L*N*T*D*4 = {2 * L * n * t * d * 4 / MIB:.0f} MiB, "
-        f"reference N*T*V*4 = {n * t * v * 4 / MIB:.0f} MiB")
-  # Verdict on the run-only peaks: width effect at fixed candidate count vs count effect.
-  by = {(r["chunk_width"], r["num_candidates"]): r["step_peak_over_loaded_bytes"] for r in runs}
+  print("retained = RSS before the 2nd call - RSS with the model loaded; working set = 2nd call "
+        "peak - its start;\ntotal = retained + working set; held arrays = jax.Arrays the Scorer "
+        "keeps as attributes (params excluded):")
+  for r in runs:
+    items = sorted(r.get("held_arrays_bytes", {}).items(), key=lambda kv: -kv[1])
+    print(f"  width {r['chunk_width']}, {r['num_candidates']} candidates: " +
+          (", ".join(f"{k} {b / MIB:.0f}" for k, b in items if b >= MIB) or "none >= 1 MiB"))
+
   cs = sorted({r["num_candidates"] for r in runs})
   ws = sorted({r["chunk_width"] for r in runs})
-  width_growth = [by[(ws[-1], c)] - by[(ws[0], c)] for c in cs] if len(ws) > 1 else []
-  count_growth = [by[(w, cs[-1])] - by[(w, cs[0])] for w in ws] if len(cs) > 1 else []
-  verdict = {"width_growth_bytes": width_growth, "candidate_growth_bytes": count_growth}
-  if width_growth:
-    print(f"peak growth from width {ws[0]} to {ws[-1]}: " +
-          ", ".join(f"{g / MIB:+.0f} MiB at {c} candidates" for g, c in zip(width_growth, cs)))
-  if count_growth:
-    print(f"peak growth from {cs[0]} to {cs[-1]} candidates: " +
-          ", ".join(f"{g / MIB:+.0f} MiB at width {w}" for g, w in zip(count_growth, ws)))
-  if width_growth and count_growth:
-    ok = min(width_growth) > 2 * max(abs(g) for g in count_growth)
-    verdict["bounded_by_chunk_width"] = ok
-    print("memory is bounded by the chunk width, not the candidate count: " +
-          ("yes" if ok else "NOT SHOWN (see figures)"))
-  results = {"benchmark": "bench_scorer --memory", "config": info, "environment": _environment(cpus),
+  verdict = {}
+  for key, label in (("working_set_bytes", "working set"), ("total_over_model_bytes", "total")):
+    by = {(r["chunk_width"], r["num_candidates"]): r[key] for r in runs}
+    width_growth = [by[(ws[-1], c)] - by[(ws[0], c)] for c in cs] if len(ws) > 1 else []
+    count_growth = [by[(w, cs[-1])] - by[(w, cs[0])] for w in ws] if len(cs) > 1 else []
+    v_ = {"width_growth_bytes": width_growth, "candidate_growth_bytes": count_growth}
+    line = f"{label}: "
+    if width_growth:
+      line += (f"width {ws[0]} -> {ws[-1]}: " + ", ".join(
+          f"{g / MIB:+.0f} MiB at {c} candidates" for g, c in zip(width_growth, cs)))
+    if count_growth:
+      line += (f"; {cs[0]} -> {cs[-1]} candidates: " + ", ".join(
+          f"{g / MIB:+.0f} MiB at width {w}" for g, w in zip(count_growth, ws)))
+    if width_growth and count_growth:
+      noise = 16 * MIB  # RSS differences below this are not taken as an effect
+      by_count = max(count_growth) > max(noise, 0.5 * max(min(width_growth), 0))
+      by_width = min(width_growth) > noise and not by_count
+      v_["bounded_by_chunk_width"] = by_width
+      v_["grows_with_candidates"] = by_count
+      line += (" => grows with the chunk width, not the candidate count" if by_width else
+               " => GROWS WITH THE CANDIDATE COUNT" if by_count else
+               " => no effect above the noise (16 MiB): use a larger case")
+    verdict[label.replace(" ", "_")] = v_
+    print(line)
+  results = {"benchmark": "bench_scorer --memory", "config": info,
+             "environment": _environment(cpus),
              "runs": runs, "verdict": verdict}
   if args.out:
     with open(args.out, "w") as f:
@@ -665,23 +716,25 @@ def parse_args(argv=None):
   p.add_argument("--num_sequences", "-N", type=int, default=4)
   p.add_argument("--seq_len", "-T", type=int, default=128)
   p.add_argument("--steps", type=int, default=None,
-                 help="greedy steps (default: those of --ratio, 15 for SmolLM2 at 0.25)")
+                 help="greedy steps (None: those of --ratio; 15 for SmolLM2 at 0.25)")
   p.add_argument("--ratio", type=float, default=0.25)
   p.add_argument("--metric", default="js_official", choices=("js_official", "js"))
   p.add_argument("--chunk_widths", default="1",
                  help="comma list; (b) runs once per width (each checked against (a))")
   p.add_argument("--position_block", type=int, default=512)
+  p.add_argument("--scorer_kwargs", type=json.loads, default={},
+                 help='extra Scorer keyword arguments as JSON, e.g. \'{"reuse_states": false}\'')
   p.add_argument("--repeats", type=int, default=1, help="runs of each side (fresh process each)")
   p.add_argument("--official_repeats", type=int, default=None,
-                 help="runs of the official side (default: --repeats; it is the slow one)")
+                 help="runs of the official side (None: --repeats; it is the slow one)")
   p.add_argument("--matmul_repeats", type=int, default=7)
   p.add_argument("--threads", type=int, default=None,
-                 help="CPUs (and torch threads) for each side; default: all this process may use")
+                 help="CPUs (and torch threads) for each side (None: all this process may use)")
   p.add_argument("--torch_threads", type=int, default=None,
-                 help="override torch.set_num_threads (default: --threads, i.e. matching JAX)")
+                 help="override torch.set_num_threads (None: --threads, i.e. matching JAX)")
   p.add_argument("--out", default=None, help="JSON results file")
   p.add_argument("--workdir", default=None, help="where specs, tokens and side results go "
-                 "(default: a temporary directory, removed at the end)")
+                 "(None: a temporary directory, removed at the end)")
   p.add_argument("--memory", action="store_true",
                  help="peak memory of one scoring step of (b) per chunk width and candidate count")
   p.add_argument("--memory_widths", default="1,4")

@@ -135,7 +135,9 @@ def metrics_vs_ratio(results: dict, path: str) -> str:
     if "perplexity" in dense:
       ax.axhline(dense["perplexity"]["perplexity"], color="tab:red", linestyle="--",
                  linewidth=1, label="dense")
-    ax.set_yscale("log")
+    values = [v for _, v in pts]
+    if max(values) / max(min(values), 1e-9) > 10:
+      ax.set_yscale("log")
     ax.set_xlabel("pruning ratio (fraction of sublayers removed)")
     ax.set_ylabel("perplexity")
     ax.set_title("Held-out perplexity vs ratio", fontsize=10)
@@ -148,13 +150,14 @@ def metrics_vs_ratio(results: dict, path: str) -> str:
   return path
 
 
-def make_plots(run_dir: str, ranking: dict | None, masks: dict, results: dict | None) -> dict:
+def make_plots(run_dir: str, ranking: dict | None, masks: dict, results: dict | None,
+               model_name: str | None = None) -> dict:
   """Every picture a run supports; returns {name: path}."""
   out = {}
   if ranking is not None and masks:
+    name = model_name or os.path.basename(str(ranking.get("model", "")))
     out["layer_map"] = layer_map(ranking, masks, os.path.join(run_dir, "layer_map.png"),
-                                 f"{ranking.get('model', '')}: removed sublayers "
-                                 "(colour: greedy step; grey: kept)")
+                                 f"{name}: removed sublayers (colour: greedy step; grey: kept)")
   if ranking is not None and ranking.get("steps"):
     out["scores"] = score_per_step(ranking, os.path.join(run_dir, "score_per_step.png"), masks)
   if results is not None and results.get("models"):

@@ -148,30 +148,12 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   return out
 
 
-def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
-  """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
-
-  Rerunning with the same settings reuses the models already in `eval_results.json` (matched by
-  keep mask), so an interrupted evaluation resumes.
-  """
+def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
+                     results, path, log):
+  """Loads the models (dense: the run's source; pruned: checkpoints, else the masks) and
+  evaluates those not in `done`; then their throughput, interleaved."""
   from finercut_jax import checkpoint
   from finercut_jax.io import atomic_write_json
-  eval_config = resolve_eval_config(eval_config)
-  run_config = _read_json(os.path.join(run_dir, "config.json"))
-  if run_config is None:
-    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
-  masks = _read_json(os.path.join(run_dir, "masks.json"), {})
-  ranking = _read_json(os.path.join(run_dir, "ranking.json"))
-  wanted = _csv(eval_config.ratios)
-  ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
-                  key=float)
-  scoring = scoring_config(eval_config.scoring)
-  path = os.path.join(run_dir, "eval_results.json")
-  settings = json.loads(eval_config.to_json())
-  previous = _read_json(path, {})
-  reusable = previous.get("models", {}) if previous.get("eval_config") == settings else {}
-
-  log(f"evaluating {run_dir}: dense + ratios {ratios}")
   dense_model, tokenizer = checkpoint.load_source_model(run_dir)
   dense = EvalModel.wrap(dense_model, "dense")
   models = {"dense": (dense, 0.0, "source")}
@@ -190,20 +172,11 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
       source = "mask"
     models[ratio] = (model, float(ratio), source)
 
-  results = {"run_dir": os.path.abspath(run_dir),
-             "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
-             "eval_config": settings, "models": {}}
-
-  def record(key, entry):
-    results["models"][key] = entry
-    atomic_write_json(path, results)
-
   heldout = None
   for key, (model, ratio, source) in models.items():
-    old = reusable.get(key)
-    if old is not None and old.get("keep") == model.keep.tolist():
+    if key in done:
       log(f"  {model.name}: reusing the results in {path}")
-      record(key, old)
+      record(key, done[key])
       continue
     if heldout is None and eval_config.perplexity.enabled:
       heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
@@ -224,12 +197,58 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
       log(f"  {entry['name']}: prefill {measured[key]['prefill_tokens_per_s']:.1f} tok/s, "
           f"decode {measured[key]['decode_tokens_per_s']:.1f} tok/s")
     atomic_write_json(path, results)
-  del models
+
+
+def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
+  """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
+
+  Rerunning with the same settings reuses the models already in `eval_results.json` (matched by
+  keep mask), so an interrupted evaluation resumes.
+  """
+  from finercut_jax.io import atomic_write_json
+  eval_config = resolve_eval_config(eval_config)
+  run_config = _read_json(os.path.join(run_dir, "config.json"))
+  if run_config is None:
+    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
+  masks = _read_json(os.path.join(run_dir, "masks.json"), {})
+  ranking = _read_json(os.path.join(run_dir, "ranking.json"))
+  wanted = _csv(eval_config.ratios)
+  ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
+                  key=float)
+  scoring = scoring_config(eval_config.scoring)
+  path = os.path.join(run_dir, "eval_results.json")
+  settings = json.loads(eval_config.to_json())
+  previous = _read_json(path, {})
+  reusable = previous.get("models", {}) if previous.get("eval_config") == settings else {}
+
+  log(f"evaluating {run_dir}: dense + ratios {ratios}")
+  results = {"run_dir": os.path.abspath(run_dir),
+             "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
+             "eval_config": settings, "models": {}}
+
+  def record(key, entry):
+    results["models"][key] = entry
+    atomic_write_json(path, results)
+
+  keeps = {r: np.asarray(masks[r], bool) for r in ratios}
+  if masks:
+    keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
+  done = {k: reusable[k] for k, keep in keeps.items()
+          if k in reusable and reusable[k].get("keep") == keep.tolist()}
+  if len(done) == len(ratios) + 1 and (not eval_config.throughput.enabled or all(
+      "throughput" in e for e in done.values())):
+    # Everything was evaluated with these settings already: only the plots and report are redone.
+    for key in ["dense"] + ratios:
+      log(f"  {key}: reusing the results in {path}")
+      record(key, done[key])
+  else:
+    _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
+                     results, path, log)
 
   if eval_config.plots:
     results["plots"] = {k: os.path.basename(v) for k, v in
                         plots.make_plots(run_dir, ranking, {r: masks[r] for r in ratios} or masks,
-                                         results).items()}
+                                         results, results["model"]).items()}
     atomic_write_json(path, results)
   report.write_report(run_dir, results, ranking, run_config)
   log(f"wrote {path} and {os.path.join(run_dir, 'report.md')}")
