@@ -208,7 +208,9 @@ def encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list
   if add_special_tokens is not None:
     kwargs["add_special_tokens"] = add_special_tokens
   else:
-    prefix = tokenizer.decode([prefix_token_id(tokenizer)])
+    special = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
+        tokenizer.eos_token_id
+    prefix = tokenizer.decode([special]) if special is not None else ""
     if prefix and text.startswith(prefix):
       kwargs["add_special_tokens"] = False
   return list(tokenizer.encode(text, **kwargs))
