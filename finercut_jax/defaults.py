@@ -43,3 +43,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = default_eval_config()
   c.eval.enabled = False  # config files switch it on
   return c
+
+
+def paper_config(name: str, checkpoint: str, *, model_axis: int = 1) -> ml_collections.ConfigDict:
+  """The paper's settings for one of its models (10 x 256 WikiText-2 train tokens, JS, full
+  ordering, evaluation on the first 1000 documents of each task plus MMLU)."""
+  c = base_config()
+  c.run_dir = f"runs/{name}"
+  c.model.path = f"checkpoints/{checkpoint}"
+  c.model.dtype = "bfloat16"
+  c.data.source = "wikitext2"
+  c.data.num_sequences = 10
+  c.data.seq_len = 256
+  c.search.metric = "js"
+  c.search.ratio = 0.25
+  c.search.full_ordering = True
+  c.search.mask_ratios = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
+  c.scorer.chunk_width = 8
+  c.scorer.mesh_model = model_axis
+  # Kept candidate states cost 2L/state_every x N*T*D per candidate: too much at 70B.
+  c.scorer.reuse_states = model_axis == 1
+  c.eval.enabled = True
+  c.eval.limit = 1000  # the paper's first 1000 documents per task
+  c.eval.tasks += ",mmlu"
+  c.eval.scoring.tokens_per_batch = 16384
+  return c
