@@ -12,19 +12,23 @@ How a step is computed (DESIGN.md section 3), every shortcut exact:
   from s* on, so c restarts from its latest kept state at or before s*. FinerCut removes deep
   sublayers first, so most candidates then run only a few sublayers.
 - Early termination. Every metric is a sum of non-negative per-position terms, so a partial sum is
-  a lower bound of the score. Candidates on a device are scored most-promising first; once a
-  candidate's partial sum exceeds the best complete score seen on its device, it cannot be the
-  argmin and its remaining position blocks are skipped (the search only needs the argmin). Its
-  score is then reported as a lower bound (`complete=False`). `bound=False` scores everything.
+  a lower bound of the score. A candidate runs its calibration sequences one after another (its
+  suffix sublayers, then the LM head and divergence, per sequence); candidates on a device are
+  scored most-promising first, and once a candidate's partial sum exceeds the best complete score
+  seen on its device it cannot be the argmin, so its remaining sequences are skipped: sublayers
+  and LM head both (the search only needs the argmin). Its score is then reported as a lower bound
+  (`complete=False`) and its kept states stay current only for the sequences it ran. `bound=False`
+  scores everything.
 - Batching. Candidates are spread over the devices of the mesh's `cand` axis and cut into chunks of
   `chunk_width`; a chunk is one `jax.vmap` over its candidates and runs sublayers from its smallest
   restart point on (each candidate's state only changes past its own).
 - Skipping. Which sublayers are removed is shared by the whole batch, so a removed sublayer is a
   `lax.switch` branch that is never executed, not a multiplication by zero; chunks that hold only
   padding are skipped the same way.
-- Fusion. The final norm, LM head, log-softmax and divergence run per block of positions, so the
-  largest logits array is `[chunk_width, position_block, V]`; `[C, N, T, V]` never exists. The dense
-  model's side (log-probabilities or logits, by metric) is computed once per search.
+- Fusion. The final norm, LM head, log-softmax and divergence run per block of positions of a
+  sequence, so the largest logits array is `[chunk_width, position_block, V]`; `[C, N, T, V]` never
+  exists. The dense model's side (log-probabilities or logits, by metric) is computed once per
+  search.
 - Fixed shapes. The number of candidate slots is fixed for a search, so every step reuses one
   compiled program.
 
@@ -63,12 +67,14 @@ class Candidate:
 
 @dataclasses.dataclass
 class StepStats:
-  """What one scoring call did: sublayer evaluations against the naive count, time, FLOP/s."""
+  """What one scoring call did: sublayer evaluations (one sublayer applied to one calibration
+  sequence) against the naive count (every candidate a full forward of every sequence), time,
+  FLOP/s, and the share of (candidate, sequence) pairs computed before early termination."""
   evaluations: int
   naive_evaluations: int
   seconds: float
   flops: float
-  head_fraction: float = 1.0  # share of candidates' LM-head position blocks actually computed
+  sequence_fraction: float = 1.0
 
   @property
   def flops_per_second(self) -> float:
@@ -77,7 +83,7 @@ class StepStats:
   def as_dict(self) -> dict:
     return {"evaluations": self.evaluations, "naive_evaluations": self.naive_evaluations,
             "evaluation_fraction": self.evaluations / max(self.naive_evaluations, 1),
-            "head_fraction": self.head_fraction, "seconds": self.seconds, "flops": self.flops,
+            "sequence_fraction": self.sequence_fraction, "seconds": self.seconds, "flops": self.flops,
             "flops_per_second": self.flops_per_second}
 
 
@@ -118,8 +124,7 @@ class Scorer:
     self.tokens = np.asarray(tokens, np.int32)
     n, t = self.tokens.shape
     self.positions = n * t
-    self.position_block = _largest_divisor_at_most(self.positions, position_block)
-    self.num_blocks = self.positions // self.position_block
+    self.position_block = _largest_divisor_at_most(t, position_block)
     self.chunk_width = chunk_width
     self.num_sublayers = cfg.num_sublayers
     self.dtype = dtype or params["embed"].dtype
@@ -158,7 +163,7 @@ class Scorer:
     self._keep = None  # the keep mask the caches were computed for
     self._prefix_valid = -1  # prefix[j] is current for j <= this
     self._slot_of: dict[Candidate, int] = {}
-    self._states_valid = np.full(d * self.slots_per_device, -1)  # states valid up to sublayer
+    self._states_valid = np.full((d * self.slots_per_device, n), -1)  # per slot and sequence
 
   # ------------------------------------------------------------------ device programs
 
@@ -182,80 +187,88 @@ class Scorer:
     return jax.lax.fori_loop(first, self.num_sublayers, body, (h, prefix))[1]
 
   def _device_program(self, bound, params, prefix, states, reference, targets, weights, keep_flat,
-                      slot, start, resume, from_state, state_index, valid):
-    """One device's candidates, chunks `[chunks, W]` in scoring order.
+                      sequences, best, slot, start, resume, from_state, state_index, partial,
+                      valid):
+    """One device's candidates, chunks `[chunks, W]` in scoring order (`resume`, `from_state` and
+    `state_index` are per calibration sequence, `[chunks, W, N]`), on calibration sequences
+    `sequences[0] .. sequences[1]-1`, adding to the `partial` sums of the sequences before; `best`
+    is the best complete score known before the call.
 
-    Returns (scores, position blocks computed, updated states).
+    Returns (scores, the sequence each candidate stopped at, updated states).
     """
     cfg, metric = self.cfg, self.metric
-    num_sub, pb, nb = self.num_sublayers, self.position_block, self.num_blocks
+    num_sub, pb = self.num_sublayers, self.position_block
     every, reuse = self.state_every, self.num_states > 0
     n, t = self.tokens.shape
     rope = rope_tables(cfg, t)
     width = slot.shape[-1]
-    column = lambda x: x[:, None, None, None]
+    rows = lambda x: x[:, None, None]  # a per-candidate flag against [W, T, D]
 
-    def suffix(h, states, slot, resume):
-      """Runs sublayers j >= each candidate's restart point, keeping states along the way."""
+    def suffix(h, states, slot, resume, g):
+      """Runs sequence g of each candidate (h `[W, T, D]`) through the sublayers from its restart
+      point on, keeping its states along the way."""
 
       def body(j, carry):
         h, states = carry
         if reuse:
           def keep_state(states):
-            old = states[slot, j // every]
-            return states.at[slot, j // every].set(jnp.where(column(j >= resume), h, old))
+            old = states[slot, j // every, g]
+            return states.at[slot, j // every, g].set(jnp.where(rows(j >= resume), h, old))
           states = jax.lax.cond(j % every == 0, keep_state, lambda s: s, states)
         lp = layer_params(params, j // 2)
-        run = lambda x: apply_sublayer(lp, j % 2, x, rope, cfg, keep_flat[j])
-        return jnp.where(column(j >= resume), jax.vmap(run)(h), h), states
+        run = lambda x: apply_sublayer(lp, j % 2, x[None], rope, cfg, keep_flat[j])[0]
+        return jnp.where(rows(j >= resume), jax.vmap(run)(h), h), states
 
       return jax.lax.fori_loop(jnp.min(resume), num_sub, body, (h, states))
 
-    def divergence_until(h, best):
-      """Sums position blocks until done, or until every candidate's sum exceeds `best`."""
-      h = h.reshape(width, n * t, -1)
+    def sequence_terms(h, g):
+      """The weighted sum of sequence g's per-position terms, LM head fused per position block."""
 
-      def more(carry):
-        i, acc = carry
-        return (i < nb) & jnp.any(acc <= best)
-
-      def block(carry):
-        i, acc = carry
-        hb = jax.lax.dynamic_slice_in_dim(h, i * pb, pb, axis=1)
-        logits = final_logits(params, hb, cfg)  # [W, pb, V] float32
-        ref = jax.lax.dynamic_slice_in_dim(reference, i * pb, pb)
-        tb = jax.lax.dynamic_slice_in_dim(targets, i * pb, pb)
-        wb = jax.lax.dynamic_slice_in_dim(weights, i * pb, pb)
+      def block(i, acc):
+        at = g * t + i * pb
+        logits = final_logits(params, jax.lax.dynamic_slice_in_dim(h, i * pb, pb, axis=1), cfg)
+        ref = jax.lax.dynamic_slice_in_dim(reference, at, pb)
+        tb = jax.lax.dynamic_slice_in_dim(targets, at, pb)
+        wb = jax.lax.dynamic_slice_in_dim(weights, at, pb)
         terms = divergence.position_terms(metric, ref[None], logits, tb[None])
-        return i + 1, acc + jnp.sum(terms * wb[None], axis=-1)
+        return acc + jnp.sum(terms * wb[None], axis=-1)
 
-      return jax.lax.while_loop(more, block, (0, jnp.zeros((width,), jnp.float32)))
+      return jax.lax.fori_loop(0, t // pb, block, jnp.zeros((width,), jnp.float32))
 
     def chunk(carry, xs):
       states, best = carry
-      slot, start, resume, from_state, state_index, ok = xs
+      slot, start, resume, from_state, state_index, partial, ok = xs
+      limit = best if bound else jnp.inf
+
+      def more(carry):  # sequences left, and some candidate can still be the argmin
+        g, acc, _ = carry
+        return (g < sequences[1]) & jnp.any(acc <= limit)
+
+      def one_sequence(carry):
+        g, acc, states = carry
+        h = prefix[start, g]
+        if reuse:
+          h = jnp.where(rows(from_state[:, g]), states[slot, state_index[:, g], g], h)
+        h, states = suffix(h, states, slot, resume[:, g], g)
+        return g + 1, acc + sequence_terms(h, g), states
 
       def compute(operands):
         states, best = operands
-        h = prefix[start]
-        if reuse:
-          h = jnp.where(column(from_state), states[slot, state_index], h)
-        h, states = suffix(h, states, slot, resume)
-        blocks, scores = divergence_until(h, best if bound else jnp.inf)
+        done, scores, states = jax.lax.while_loop(more, one_sequence,
+                                                  (sequences[0], partial, states))
         if bound:
-          done = ok & (blocks == nb)
-          best = jnp.minimum(best, jnp.min(jnp.where(done, scores, jnp.inf)))
-        return (states, best), (scores, jnp.full((width,), blocks))
+          best = jnp.minimum(best, jnp.min(jnp.where(ok & (done == n), scores, jnp.inf)))
+        return (states, best), (scores, jnp.full((width,), done))
 
       def skip(operands):  # all padding
-        return operands, (jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.int32))
+        return operands, (partial, jnp.full((width,), sequences[0]))
 
       return jax.lax.cond(jnp.any(ok), compute, skip, (states, best))
 
-    (states, _), (scores, blocks) = jax.lax.scan(
-        chunk, (states, jnp.float32(jnp.inf)),
-        (slot, start, resume, from_state, state_index, valid))
-    return scores, blocks, states
+    (states, _), (scores, done) = jax.lax.scan(
+        chunk, (states, best),
+        (slot, start, resume, from_state, state_index, partial, valid))
+    return scores, done, states
 
   def _program(self, bound: bool):
     if bound in self._programs:
@@ -263,7 +276,7 @@ class Scorer:
     local = lambda *args: self._device_program(bound, *args)
     if self.backend == "pmap":
       devices = self.mesh.devices[:, 0].tolist()
-      fn = jax.pmap(local, in_axes=(None, None, 0) + (None,) * 4 + (0,) * 6, devices=devices,
+      fn = jax.pmap(local, in_axes=(None, None, 0) + (None,) * 6 + (0,) * 7, devices=devices,
                     donate_argnums=(2,))
     else:
       def per_device(*args):
@@ -271,12 +284,12 @@ class Scorer:
         squeeze = lambda x: x[0]
         args = list(args)
         args[2] = squeeze(args[2])
-        args[7:] = [squeeze(a) for a in args[7:]]
+        args[9:] = [squeeze(a) for a in args[9:]]
         return jax.tree.map(lambda x: x[None], local(*args))
 
       cand = P(CAND)
       mapped = jax.shard_map(per_device, mesh=self.mesh,
-                             in_specs=(P(), P(), cand) + (P(),) * 4 + (cand,) * 6,
+                             in_specs=(P(), P(), cand) + (P(),) * 6 + (cand,) * 7,
                              out_specs=(cand, cand, cand), axis_names={CAND}, check_vma=False)
       fn = jax.jit(mapped, donate_argnums=(2,))
     self._programs[bound] = fn
@@ -315,27 +328,28 @@ class Scorer:
       self._slot_of[c] = len(self._slot_of)
     return np.asarray([self._slot_of[c] for c in candidates])
 
-  def layout(self, candidates: list[Candidate], slots: np.ndarray, priority: np.ndarray):
-    """Per-device chunk arrays `[devices, chunks, W]`, in scoring order, padding repeated.
+  def layout(self, candidates: list[Candidate], slots: np.ndarray, partial: np.ndarray):
+    """Per-device chunk arrays `[devices, chunks, W]` (`[..., N]` for the per-sequence restart
+    arrays), lowest `partial` score first, padding repeated.
 
     Returns `(index, arrays)`: index holds each entry's position in `candidates` (-1: padding).
     """
     d, w, every = self.cand_devices, self.chunk_width, self.state_every
-    restart = np.asarray([c.resume for c in candidates])
-    from_state = np.zeros(len(candidates), bool)
+    n = self.tokens.shape[0]
+    restart = np.repeat(np.asarray([c.resume for c in candidates])[:, None], n, axis=1)
+    from_state = np.zeros(restart.shape, bool)
     if self.num_states:
-      for i, (c, s) in enumerate(zip(candidates, slots)):
-        # The latest kept state at or before what is still current for this candidate.
-        k = (min(self._states_valid[s], self.num_sublayers - 1) // every) * every
-        if k >= c.resume:
-          restart[i], from_state[i] = k, True
+      # The latest kept state at or before what is still current for this candidate and sequence.
+      kept = (np.minimum(self._states_valid[slots], self.num_sublayers - 1) // every) * every
+      from_state = kept >= restart
+      restart = np.where(from_state, kept, restart)
     index = np.full((d, self.num_chunks, w), -1)
     for dev in range(d):
       mine = np.flatnonzero(slots % d == dev)
       # Chunks of similar restart points (a chunk runs from its smallest), most promising first.
-      mine = mine[np.argsort(restart[mine], kind="stable")]
+      mine = mine[np.argsort(restart[mine, 0], kind="stable")]
       chunks = [mine[i:i + w] for i in range(0, len(mine), w)]
-      chunks.sort(key=lambda ch: priority[ch].min())
+      chunks.sort(key=lambda ch: partial[ch].min())
       for k, ch in enumerate(chunks):
         index[dev, k, :len(ch)] = ch
     valid = index >= 0
@@ -346,87 +360,111 @@ class Scorer:
     arrays = dict(slot=take(slots // d).astype(np.int32),
                   start=take([c.start for c in candidates]).astype(np.int32),
                   resume=take(restart).astype(np.int32), from_state=take(from_state),
-                  state_index=(take(restart) // every).astype(np.int32), valid=valid)
+                  state_index=(take(restart) // every).astype(np.int32),
+                  partial=take(partial).astype(np.float32), valid=valid)
     return index, arrays
 
-  def score_step(self, keep: np.ndarray, candidates: list[Candidate], *, bound: bool = True,
-                 priority=None):
+  def score_step(self, keep: np.ndarray, candidates: list[Candidate], *, bound: bool = True):
     """Scores candidates; returns `(scores, complete, stats)`.
 
     With `bound`, a candidate that provably cannot be the argmin stops early: its score is then
-    a lower bound and `complete` is False for it. `priority` (lower first) orders the scoring;
-    by default the deepest candidates, usually the best, go first.
+    a lower bound and `complete` is False for it. Scoring then runs in passes: every candidate's
+    first calibration sequence (which every candidate needs anyway); then the other sequences,
+    candidates in order of their first-sequence score, first only the most promising chunk of
+    each device, so that the best of their complete scores bounds every device from the start,
+    then the rest.
     """
     if not candidates:
       raise ValueError("no candidates to score")
     keep_flat = np.asarray(keep, bool).reshape(-1)
     if keep_flat.size != self.num_sublayers:
       raise ValueError(f"keep mask has {keep_flat.size} entries, the model {self.num_sublayers}")
-    priority = (np.asarray(priority, np.float64) if priority is not None
-                else -np.asarray([c.start for c in candidates], np.float64))
+    n = self.tokens.shape[0]
     begin = time.perf_counter()
     self._invalidate(keep_flat)
-    prefix_first = max(self._prefix_valid, 0)
-    prefix_evaluations = int(keep_flat[prefix_first:].sum()) if self._prefix_valid < self.num_sublayers else 0
+    stats = StepStats(evaluations=0, naive_evaluations=len(candidates) * self.num_sublayers * n,
+                      seconds=0.0, flops=0.0, sequence_fraction=0.0)
     if self._prefix_valid < self.num_sublayers:
+      first = max(self._prefix_valid, 0)
       self.prefix = self._prefix_fn(self.params, self.prefix, self.h0, jnp.asarray(keep_flat),
-                                    jnp.int32(prefix_first if self._prefix_valid >= 0 else 0))
+                                    jnp.int32(first))
       self._prefix_valid = self.num_sublayers
+      self._account_prefix(stats, keep_flat, first)
     slots = self._slots(candidates)
-    index, arrays = self.layout(candidates, slots, priority)
-    names = ("slot", "start", "resume", "from_state", "state_index", "valid")
-    common = (self.params, self.prefix)
-    rest = (self.reference, self.targets, self.weights, jnp.asarray(keep_flat))
-    if self.backend == "pmap":
-      out = self._program(bound)(*common, self.states, *rest, *(arrays[k] for k in names))
-    else:
-      sharding = NamedSharding(self.mesh, P(CAND))
-      out = self._program(bound)(*common, self.states, *rest,
-                                 *(jax.device_put(arrays[k], sharding) for k in names))
-    scores_dev, blocks_dev, self.states = out
-    scores_dev = np.asarray(jax.device_get(scores_dev), np.float64)
-    blocks_dev = np.asarray(jax.device_get(blocks_dev))
-    seconds = time.perf_counter() - begin
-    self._states_valid[slots] = self.num_sublayers
-
-    valid = arrays["valid"]
-    scores = np.full(len(candidates), np.nan)
-    blocks = np.zeros(len(candidates), np.int64)
-    scores[index[valid]] = scores_dev[valid]
-    blocks[index[valid]] = blocks_dev[valid]
+    scores = np.zeros(len(candidates))
+    done = np.zeros(len(candidates), np.int64)  # the sequence each candidate stopped at
+    best = np.inf
+    for sequences, chunks in ([((0, 1), None), ((1, n), slice(0, 1)), ((1, n), slice(1, None))]
+                              if bound and n > 1 else [((0, n), None)]):
+      if chunks != slice(1, None):  # the last pass keeps the order of the one before
+        index, arrays = self.layout(candidates, slots, scores)
+      valid = arrays["valid"].copy()
+      if chunks is not None:
+        valid[:, np.setdiff1d(np.arange(valid.shape[1]), np.arange(valid.shape[1])[chunks])] = False
+      done_dev, scores_dev = self._run(bound, keep_flat, sequences, best, dict(arrays, valid=valid))
+      scores[index[valid]] = scores_dev[valid]
+      done[index[valid]] = done_dev[valid]
+      # A stopped candidate's states are current only for the sequences it ran.
+      ran = np.arange(n)[None, :] < done[:, None]
+      self._states_valid[slots] = np.where(ran, self.num_sublayers, self._states_valid[slots])
+      self._account_pass(stats, keep_flat, dict(arrays, valid=valid), done_dev, sequences[0])
+      best = min(best, float(np.min(scores[done == n], initial=np.inf)))
+    stats.seconds = time.perf_counter() - begin
+    stats.sequence_fraction /= len(candidates) * n
     if not np.all(np.isfinite(scores)):
       bad = [candidates[i] for i in np.flatnonzero(~np.isfinite(scores))]
       raise FloatingPointError(f"non-finite scores for candidates {bad[:4]}: the model produces "
                                f"NaN/inf (check the checkpoint and the dtype)")
-    complete = blocks == self.num_blocks
-    stats = self._account(keep_flat, arrays, blocks_dev, prefix_first, prefix_evaluations,
-                          len(candidates), seconds)
-    return scores, complete, stats
+    return scores, done == n, stats
+
+  def _run(self, bound: bool, keep_flat, sequences, best: float, arrays):
+    """Runs the device program on a layout; returns (stop sequence, scores) `[devices, chunks, W]`."""
+    names = ("slot", "start", "resume", "from_state", "state_index", "partial", "valid")
+    args = (self.params, self.prefix, self.states, self.reference, self.targets, self.weights,
+            jnp.asarray(keep_flat), jnp.asarray(sequences, jnp.int32), jnp.float32(best))
+    if self.backend == "pmap":
+      per_entry = [arrays[k] for k in names]
+    else:
+      sharding = NamedSharding(self.mesh, P(CAND))
+      per_entry = [jax.device_put(arrays[k], sharding) for k in names]
+    scores, done, self.states = self._program(bound)(*args, *per_entry)
+    return np.asarray(jax.device_get(done)), np.asarray(jax.device_get(scores), np.float64)
 
   def score(self, keep: np.ndarray, candidates: list[Candidate]) -> tuple[np.ndarray, StepStats]:
     """Exact scores of every candidate."""
     scores, _, stats = self.score_step(keep, candidates, bound=False)
     return scores, stats
 
-  def _account(self, keep_flat, arrays, blocks, prefix_first, prefix_evaluations, count, seconds):
-    """Sublayer applications and FLOPs the programs performed: each chunk runs all its slots
-    from its smallest restart point; the LM head for the position blocks it computed."""
-    attn, ffn, head = self._flops
+  def _sublayer_flops_from(self, keep_flat):
+    """Per sequence: FLOPs and sublayer count of running the kept sublayers from j on, `[2L+1]`."""
+    attn, ffn, _ = self._flops
     per = np.where(np.arange(self.num_sublayers) % 2 == 0, attn, ffn) * keep_flat
+    per = per / self.tokens.shape[0]
     flops_from = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]])
     kept_from = np.concatenate([np.cumsum(keep_flat[::-1])[::-1], [0]])
-    w = self.chunk_width
-    evaluations, flops = prefix_evaluations, float(flops_from[prefix_first]) if prefix_evaluations else 0.0
-    head_blocks = 0
-    for r, ok, b in zip(arrays["resume"].reshape(-1, w), arrays["valid"].reshape(-1, w),
-                        blocks.reshape(-1, w)):
+    return flops_from, kept_from
+
+  def _account_prefix(self, stats: StepStats, keep_flat, first: int) -> None:
+    """The prefix pass: every sequence through the kept sublayers from `first` on."""
+    n = self.tokens.shape[0]
+    flops_from, kept_from = self._sublayer_flops_from(keep_flat)
+    stats.evaluations += n * int(kept_from[first])
+    stats.flops += n * float(flops_from[first])
+
+  def _account_pass(self, stats: StepStats, keep_flat, arrays, done, seq_from: int) -> None:
+    """Sublayer applications (one sublayer on one calibration sequence) and FLOPs of a pass: for
+    each sequence it ran, a chunk runs all its slots from their smallest restart point, then the
+    LM head."""
+    n, w = self.tokens.shape[0], self.chunk_width
+    head = self._flops[2] / n
+    flops_from, kept_from = self._sublayer_flops_from(keep_flat)
+    for r, ok, g in zip(arrays["resume"].reshape(-1, w, n), arrays["valid"].reshape(-1, w),
+                        done.reshape(-1, w)):
       if ok.any():
-        evaluations += w * int(kept_from[r.min()])
-        flops += w * (flops_from[r.min()] + head * b[0] / self.num_blocks)
-        head_blocks += w * int(b[0])
-    return StepStats(evaluations=evaluations, naive_evaluations=count * self.num_sublayers,
-                     seconds=seconds, flops=flops,
-                     head_fraction=head_blocks / max(count * self.num_blocks, 1))
+        first = r[:, seq_from:g[0]].min(axis=0)  # the chunk's restart point per sequence it ran
+        stats.evaluations += w * int(kept_from[first].sum())
+        stats.flops += w * float(flops_from[first].sum() + head * len(first))
+        stats.sequence_fraction += int(ok.sum()) * len(first)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

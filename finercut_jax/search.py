@@ -144,10 +144,7 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
     # Protection never leaves the search without candidates: it lifts when the rest are gone.
     candidates = [c for c in remaining if c.start >= 2 * front] or remaining
     keep = keep_mask(spec.num_layers, [r["sublayers"] for r in steps])
-    # Last step's scores order this one's (the best first tightens early termination).
-    previous = steps[-1]["scores"] if steps and "scores" in steps[-1] else {}
-    priority = [previous.get(str(c.start), -c.start) for c in candidates]
-    scores, complete, stats = scorer.score_step(keep, candidates, bound=True, priority=priority)
+    scores, complete, stats = scorer.score_step(keep, candidates, bound=True)
     # Only complete scores compete: an incomplete one provably exceeds the best complete one.
     # Candidates are in sublayer order, so argmin breaks ties toward the lowest id.
     best = int(np.argmin(np.where(complete, scores, np.inf)))

@@ -73,8 +73,9 @@ def test_scores_match_reference(metric):
     floor = 1e-3 / (cfg.vocab_size if metric == "js_official" else 1)
     assert np.all(want > floor), f"{what}: reference scores too small to test anything: {want}"
     R.assert_scores_close(scores, want, RTOL, f"{metric}, {what}")
-    assert stats.naive_evaluations == len(candidates) * 2 * L
+    assert stats.naive_evaluations == len(candidates) * 2 * L * R.N
     assert 0 < stats.evaluations and stats.seconds > 0
+    assert stats.sequence_fraction == 1.0  # score() computes every sequence of every candidate
 
 
 def test_bad_calls_are_refused():
@@ -95,15 +96,21 @@ def test_bad_calls_are_refused():
 def test_step_accounting():
   """Prefix reuse halves a step: with chunk width 1 on one device, step 1 of a full search on the
   dense model runs the prefix pass (2L sublayers) plus, for candidate s, the sublayers after s:
-  2L + 2L(2L-1)/2 = 78 of the naive 2L*2L = 144 (0.54 for L=6; the bound 0.55 needs L >= 5)."""
+  2L + 2L(2L-1)/2 = 78 of the naive 2L*2L = 144 per sequence (0.54 for L=6; the bound 0.55 needs
+  L >= 5), before early termination skips the second sequence of hopeless candidates."""
   records = R.shared_search("js")
   first = records[0]["stats"]
-  assert first["naive_evaluations"] == (2 * L) ** 2
+  assert first["naive_evaluations"] == (2 * L) ** 2 * R.N
   assert first["evaluations"] <= 0.55 * first["naive_evaluations"], first
   assert first["evaluation_fraction"] <= 0.55
+  # Early termination: exactly the candidates reported as lower bounds stopped, each after its
+  # first sequence (of R.N = 2), skipping the second one's sublayers and LM head.
+  stopped = len(records[0]["lower_bounds"])
+  assert R.N == 2 and stopped > 0, records[0]
+  assert first["sequence_fraction"] == pytest.approx(1 - stopped / (2 * L * R.N)), first
   for r in records[1:]:
     assert r["stats"]["evaluations"] <= first["evaluations"], (r["step"], r["stats"])
-    assert r["stats"]["naive_evaluations"] == (2 * L - r["step"]) * 2 * L
+    assert r["stats"]["naive_evaluations"] == (2 * L - r["step"]) * 2 * L * R.N
 
 
 # ----------------------------------------------------------------------------- meshes
