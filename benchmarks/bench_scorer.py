@@ -723,7 +723,7 @@ def parse_args(argv=None):
                  help="comma list; (b) runs once per width (each checked against (a))")
   p.add_argument("--position_block", type=int, default=512)
   p.add_argument("--scorer_kwargs", type=json.loads, default={},
-                 help='extra Scorer keyword arguments as JSON, e.g. \'{"reuse_states": false}\'')
+                 help='extra Scorer keyword arguments as JSON, e.g. \'{"state_memory": 0}\'')
   p.add_argument("--repeats", type=int, default=1, help="runs of each side (fresh process each)")
   p.add_argument("--official_repeats", type=int, default=None,
                  help="runs of the official side (None: --repeats; it is the slow one)")

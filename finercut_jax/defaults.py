@@ -31,11 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.scorer = ml_collections.ConfigDict()
   c.scorer.backend = "jit"  # jit (jit + shard_map) | pmap
   c.scorer.chunk_width = 1  # candidates per vmapped chunk per device (1 on CPU; 4-16 on GPU/TPU)
-  c.scorer.position_block = 256  # positions per fused LM-head + divergence block (early-stop granularity)
+  c.scorer.position_block = 256  # positions of a sequence per fused LM-head + divergence block
   c.scorer.mesh_model = 1  # tensor-parallel width; the candidate axis takes the other devices
   c.scorer.mesh_cand = 0  # 0: all devices not used by the model axis
-  c.scorer.reuse_states = True  # keep candidates' states across steps (memory for compute)
-  c.scorer.state_every = 2  # keep a state every this many sublayer boundaries
+  c.scorer.state_every = 2  # keep candidates' states every this many sublayer boundaries...
+  c.scorer.state_memory_gb = 2.0  # ...coarser if they would exceed this per device (0: keep none)
 
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 
@@ -61,8 +61,6 @@ def paper_config(name: str, checkpoint: str, *, model_axis: int = 1) -> ml_colle
   c.search.mask_ratios = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
   c.scorer.chunk_width = 8
   c.scorer.mesh_model = model_axis
-  # Kept candidate states cost 2L/state_every x N*T*D per candidate: too much at 70B.
-  c.scorer.reuse_states = model_axis == 1
   c.eval.enabled = True
   c.eval.limit = 1000  # the paper's first 1000 documents per task
   c.eval.tasks += ",mmlu"

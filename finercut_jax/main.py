@@ -81,7 +81,8 @@ def run(config) -> str:
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,
                   backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
-                  reuse_states=config.scorer.reuse_states, state_every=config.scorer.state_every)
+                  state_every=config.scorer.state_every,
+                  state_memory=config.scorer.state_memory_gb * 2**30)
 
   bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout)
 

@@ -14,11 +14,8 @@ import numpy as np
 from flax import nnx
 
 from finercut_jax.config import LlamaConfig
-from finercut_jax.model import (ATTN, FFN, Params, attention_branch, embed, ffn_branch,
-                                final_logits, rope_tables)
-
-ATTN_PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo")
-FFN_PARAM_NAMES = ("ffn_norm", "w_gate", "w_up", "w_down")
+from finercut_jax.model import (ATTN, ATTN_PARAM_NAMES, FFN, FFN_PARAM_NAMES, Params,
+                                attention_branch, embed, ffn_branch, final_logits, rope_tables)
 
 
 def make_schedule(keep: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ How a step is computed (DESIGN.md section 3), every shortcut exact:
   cached input of `start_c` and runs only sublayers `resume_c .. 2L-1`. After a removal at s*, the
   cache is only recomputed from s* on.
 - Reuse across steps. Each candidate's own stream is also kept at every `state_every`-th sublayer
-  boundary. After the greedy step removes s*, candidate c's model differs from last step's only
+  boundary (coarser if that would exceed `state_memory` bytes per device). After the greedy step removes s*, candidate c's model differs from last step's only
   from s* on, so c restarts from its latest kept state at or before s*. FinerCut removes deep
   sublayers first, so most candidates then run only a few sublayers.
 - Early termination. Every metric is a sum of non-negative per-position terms, so a partial sum is
@@ -51,8 +51,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from finercut_jax import divergence
 from finercut_jax.config import LlamaConfig
-from finercut_jax.model import (Params, apply_sublayer, embed, final_logits, layer_params,
-                                rope_tables, run_layers)
+from finercut_jax.model import (Params, apply_stacked_sublayer, embed, final_logits, rope_tables,
+                                run_layers)
 from finercut_jax.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_params
 
 BACKENDS = ("jit", "pmap")
@@ -109,8 +109,8 @@ class Scorer:
 
   def __init__(self, params: Params, cfg: LlamaConfig, tokens: np.ndarray, *, metric: str = "js",
                chunk_width: int = 1, position_block: int = 512, mesh=None, backend: str = "jit",
-               max_candidates: int | None = None, reuse_states: bool = True,
-               state_every: int = 2, dtype=None):
+               max_candidates: int | None = None, state_every: int = 2,
+               state_memory: float = 2 * 2**30, dtype=None):
     self.cfg = cfg
     self.metric = divergence.check_metric(metric)
     if backend not in BACKENDS:
@@ -134,13 +134,18 @@ class Scorer:
     d = self.mesh.shape[CAND]
     self.slots_per_device = math.ceil((max_candidates or self.num_sublayers) / d)
     self.num_chunks = math.ceil(self.slots_per_device / chunk_width)
-    self.state_every = state_every
-    self.num_states = math.ceil(self.num_sublayers / state_every) if reuse_states else 0
+    # Kept states: N*T*D per candidate slot and kept boundary, at most `state_memory` per device.
+    one_state = n * t * cfg.hidden_size * jnp.dtype(self.dtype).itemsize
+    fit = int(state_memory // (one_state * self.slots_per_device))
+    self.num_states = min(math.ceil(self.num_sublayers / state_every), fit)
+    self.state_every = math.ceil(self.num_sublayers / self.num_states) if self.num_states else 1
     state_shape = (d, self.slots_per_device, self.num_states, n, t, cfg.hidden_size)
-    state_bytes = math.prod(state_shape) * jnp.dtype(self.dtype).itemsize
-    if reuse_states:
-      logging.info("scorer keeps %.2f GB of candidate states (%.2f GB per device)",
-                   state_bytes / 1e9, state_bytes / d / 1e9)
+    if self.num_states:
+      logging.info("scorer keeps candidate states every %d sublayers: %.2f GB per device",
+                   self.state_every, self.num_states * self.slots_per_device * one_state / 1e9)
+    else:
+      logging.info("scorer keeps no candidate states (%.2f GB per slot exceeds state_memory)",
+                   one_state / 1e9)
 
     rep = replicated(self.mesh)
     cand_sharding = NamedSharding(self.mesh, P(CAND))
@@ -181,8 +186,7 @@ class Scorer:
     def body(j, carry):
       h, prefix = carry
       prefix = prefix.at[j].set(h)
-      lp = layer_params(params, j // 2)
-      return apply_sublayer(lp, j % 2, h, rope, self.cfg, keep_flat[j]), prefix
+      return apply_stacked_sublayer(params["layers"], j, h, rope, self.cfg, keep_flat[j]), prefix
 
     return jax.lax.fori_loop(first, self.num_sublayers, body, (h, prefix))[1]
 
@@ -215,8 +219,8 @@ class Scorer:
             old = states[slot, j // every, g]
             return states.at[slot, j // every, g].set(jnp.where(rows(j >= resume), h, old))
           states = jax.lax.cond(j % every == 0, keep_state, lambda s: s, states)
-        lp = layer_params(params, j // 2)
-        run = lambda x: apply_sublayer(lp, j % 2, x[None], rope, cfg, keep_flat[j])[0]
+        run = lambda x: apply_stacked_sublayer(params["layers"], j, x[None], rope, cfg,
+                                               keep_flat[j])[0]
         return jnp.where(rows(j >= resume), jax.vmap(run)(h), h), states
 
       return jax.lax.fori_loop(jnp.min(resume), num_sub, body, (h, states))

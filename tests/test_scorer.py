@@ -78,6 +78,23 @@ def test_scores_match_reference(metric):
     assert stats.sequence_fraction == 1.0  # score() computes every sequence of every candidate
 
 
+@pytest.mark.parametrize("states", [3, 0])
+def test_state_memory_budget(states):
+  """A budget for 3 kept states per candidate slot coarsens them to every 4th boundary (of 12);
+  a budget of 0 keeps none. Either way the greedy ordering and scores stay exact."""
+  from finercut_jax.search import SearchSpec, greedy_search
+  cfg, params, tokens = R.tiny_model()
+  one_state = tokens.size * cfg.hidden_size * 4  # float32 N*T*D
+  scorer = Scorer(params, cfg, tokens, metric="js", position_block=R.POSITION_BLOCK,
+                  mesh=make_mesh(1, 1), state_memory=states * one_state * 2 * L)
+  assert scorer.num_states == states and scorer.states.nbytes == states * one_state * 2 * L
+  if states:
+    assert scorer.state_every == 4
+  steps = greedy_search(scorer, SearchSpec(num_layers=L, num_steps=4))
+  first_steps = tuple(x[:4] for x in R.shared_reference_greedy("js"))
+  R.check_search(steps, first_steps, RTOL, f"{states} states")
+
+
 def test_bad_calls_are_refused():
   scorer = R.shared_scorer("js")
   with pytest.raises(ValueError, match="candidates"):
