@@ -21,9 +21,10 @@ What is reported (per step and in total; medians over `--repeats`):
   step compiles the step program, its setup (`Scorer(...)`: parameter placement, the dense
   reference pass and its compilation) is reported apart and counted in the total, as (a)'s dense
   reference pass is in its total. Model loading is reported but left out of the ratio.
-- sublayer evaluations: (b)'s `StepStats.evaluations` against the naive C x 2L; (a) is naive by
-  construction (every candidate is a full forward of all 2L sublayers on all N sequences, masked
-  sublayers still computed: C x 2L evaluations, C x N batch-1 forwards).
+- sublayer evaluations (one sublayer applied to one calibration sequence): (b)'s
+  `StepStats.evaluations` against the naive C x 2L x N; (a) is naive by construction (every
+  candidate is a full forward of all 2L sublayers on all N sequences, masked sublayers still
+  computed: C x 2L x N evaluations, C x N batch-1 forwards).
 - achieved FLOP/s of (b) (`StepStats.flops` / seconds) against a float32 matmul throughput
   measured in the same subprocess (jitted jnp matmuls of the LM-head, FFN and a 2048^2 shape;
   median of repeats; the best of them is the reference); (a)'s FLOP/s from the same FLOP model.
@@ -427,7 +428,7 @@ def _summarize_official(runs: list[dict], cfg, info: dict) -> dict:
     per_step.append({"step": i, "sublayer": rs[0]["sublayer"], "kind": rs[0]["kind"],
                      "block": rs[0]["block"], "score": rs[0]["score"], "seconds": sec,
                      "num_candidates": c, "num_forwards": rs[0]["num_forwards"],
-                     "evaluations": c * 2 * cfg.num_layers, "flops": fl,
+                     "evaluations": c * 2 * cfg.num_layers * info["num_sequences"], "flops": fl,
                      "flops_per_second": fl / sec})
   ref = _median([r["reference_seconds"] for r in runs])
   step_sum = sum(s["seconds"] for s in per_step)

@@ -16,7 +16,6 @@ def get_config():
   c.data.source = "packaged"
   c.data.num_sequences = 4
   c.data.seq_len = 64
-  c.scorer.position_block = 64  # small blocks let hopeless candidates stop early
   c.search.ratio = 0.25
   c.search.mask_ratios = (0.125, 0.25)
   c.eval.enabled = True  # dense + both ratios, 5 documents per task: a few minutes here
