@@ -403,8 +403,10 @@ class Scorer:
       if chunks != slice(1, None):  # the last pass keeps the order of the one before
         index, arrays = self.layout(candidates, slots, scores)
       valid = arrays["valid"].copy()
-      if chunks is not None:
-        valid[:, np.setdiff1d(np.arange(valid.shape[1]), np.arange(valid.shape[1])[chunks])] = False
+      if chunks is not None:  # only these chunks of every device run in this pass
+        in_pass = np.zeros_like(valid)
+        in_pass[:, chunks] = True
+        valid &= in_pass
       done_dev, scores_dev = self._run(bound, keep_flat, sequences, best, dict(arrays, valid=valid))
       scores[index[valid]] = scores_dev[valid]
       done[index[valid]] = done_dev[valid]
