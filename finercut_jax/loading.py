@@ -371,9 +371,27 @@ def tokenizer_cache_dir(gguf_path: str) -> str:
 
 
 def _convert_gguf_tokenizer(path: str):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                       gguf_file=os.path.basename(path), local_files_only=True)
+  """What `AutoTokenizer.from_pretrained(dir, gguf_file=...)` gives for a llama GGUF, built here
+  because transformers' GGUF metadata reader imports torch. Mirrors transformers'
+  `get_gguf_tokenizer`, then hands the metadata to its torch-free `convert_gguf_tokenizer`."""
+  import gguf
+  from transformers import TokenizersBackend
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+      _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+  reader = gguf.GGUFReader(path)
+  architecture = _gguf_field(reader, "general.architecture")
+  grouped = {group: {name: _gguf_field(reader, "tokenizer." + key) for key, name in renames.items()
+                     if "tokenizer." + key in reader.fields}
+             for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":  # get_gguf_tokenizer's BOS default
+    config.setdefault("add_bos_token", True)
+  for name, key in _SPECIAL_TOKENS.items():
+    token_id = reader.fields.get(f"tokenizer.ggml.{key}")
+    config[name] = tokenizer["tokens"][token_id.contents()] if token_id is not None else None
+  backend, extra = convert_gguf_tokenizer(architecture, tokenizer)
+  config.update(extra)
+  return TokenizersBackend(tokenizer_object=backend, name_or_path=os.path.dirname(path), **config)
 
 
 def _gguf_tokenizer(path: str):

