@@ -545,3 +545,17 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   # Held-out text is refused when the run's calibration tokens are not where it assumes them.
   with pytest.raises(perplexity.HeldOutError, match="calibration tokens"):
     perplexity.heldout_tokens(tokenizer, "packaged", 64, 96, calibration=stream[1:65])
+
+
+def test_evaluate_cli_starts_from_the_runs_eval_section(tmp_path):
+  """`python -m finercut_jax.evaluate` uses the run's configured evaluation, the command line's
+  overrides on top, and evaluates even if the run had evaluation disabled."""
+  from finercut_jax.evaluate import run_eval_config
+  (tmp_path / "config.json").write_text(json.dumps({"eval": {
+      "enabled": False, "tasks": "piqa,boolq", "limit": 7, "perplexity": {"num_tokens": 96}}}))
+  c = run_eval_config(str(tmp_path), {"limit": 3, "throughput.repeats": 1})
+  assert (c.enabled, c.tasks, c.limit, c.perplexity.num_tokens, c.throughput.repeats) == (
+      True, "piqa,boolq", 3, 96, 1)
+  assert c.perplexity.batch_size == 2  # unset in the run: the default
+  with pytest.raises(FileNotFoundError, match="not a run directory"):
+    run_eval_config(str(tmp_path / "missing"))
