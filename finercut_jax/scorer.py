@@ -128,6 +128,9 @@ class Scorer:
     self.chunk_width = chunk_width
     self.num_sublayers = cfg.num_sublayers
     self.dtype = dtype or params["embed"].dtype
+    # Abstract parameters (`jax.ShapeDtypeStruct` leaves) make an abstract scorer: nothing is
+    # computed or allocated, and `lower()` gives its programs for ahead-of-time compilation.
+    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
     self.params = shard_params(params, self.mesh, cfg)
     self._flops = sublayer_flops(cfg, n, t)
 
@@ -144,24 +147,25 @@ class Scorer:
       logging.info("scorer keeps candidate states every %d sublayers: %.2f GB per device",
                    self.state_every, self.num_states * self.slots_per_device * one_state / 1e9)
     else:
-      logging.info("scorer keeps no candidate states (%.2f GB per slot exceeds state_memory)",
-                   one_state / 1e9)
+      logging.info("scorer keeps no candidate states: one per candidate slot would need %.2f GB "
+                   "per device, over state_memory", one_state * self.slots_per_device / 1e9)
 
     rep = replicated(self.mesh)
     cand_sharding = NamedSharding(self.mesh, P(CAND))
-    self.h0 = jax.device_put(embed(self.params, jnp.asarray(self.tokens), self.dtype), rep)
+    self.h0 = self._build(lambda p: embed(p, jnp.asarray(self.tokens), self.dtype), rep,
+                          self.params)
     targets, weights = divergence.position_weights(self.metric, self.tokens, cfg.vocab_size)
-    self.targets = jax.device_put(targets, rep)
-    self.weights = jax.device_put(weights, rep)
+    self.targets = self._build(lambda: jnp.asarray(targets), rep)
+    self.weights = self._build(lambda: jnp.asarray(weights), rep)
     ref_width = 1 if divergence.reference(self.metric, jnp.zeros((1, 1))) is None else cfg.vocab_size
     ref_sharding = NamedSharding(self.mesh, logical_spec(("positions", "vocab"),
                                                          (self.positions, ref_width), self.mesh))
-    self.reference = jax.jit(self._reference, out_shardings=ref_sharding)(self.params, self.h0)
+    self._reference_fn = jax.jit(self._reference, out_shardings=ref_sharding)
+    self.reference = self._build(self._reference_fn, ref_sharding, self.params, self.h0)
     self._prefix_fn = jax.jit(self._prefix_program, out_shardings=rep, donate_argnums=(1,))
-    self.prefix = jax.jit(lambda: jnp.zeros((self.num_sublayers, n, t, cfg.hidden_size),
-                                            self.dtype), out_shardings=rep)()
-    self.states = jax.jit(lambda: jnp.zeros(state_shape, self.dtype),
-                          out_shardings=cand_sharding)()
+    self.prefix = self._build(lambda: jnp.zeros((self.num_sublayers, n, t, cfg.hidden_size),
+                                                self.dtype), rep)
+    self.states = self._build(lambda: jnp.zeros(state_shape, self.dtype), cand_sharding)
     self._programs = {}
 
     # Host bookkeeping of what the device caches hold (see `_invalidate`).
@@ -169,6 +173,37 @@ class Scorer:
     self._prefix_valid = -1  # prefix[j] is current for j <= this
     self._slot_of: dict[Candidate, int] = {}
     self._states_valid = np.full((d * self.slots_per_device, n), -1)  # per slot and sequence
+
+  def _build(self, fn, sharding, *args):
+    """`fn(*args)` computed into `sharding`; for an abstract scorer only its shape and sharding."""
+    if self.abstract:
+      out = jax.eval_shape(fn, *args)
+      return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+    return jax.jit(fn, out_shardings=sharding)(*args)
+
+  def lower(self) -> dict[str, jax.stages.Lowered]:
+    """The search's programs lowered for this scorer's shapes and shardings: `reference` (the
+    dense pass, once per search), `prefix` (the current model's pass, once per step) and `step`
+    (the candidates). With an abstract scorer this sizes a model this machine cannot hold:
+    `lower()["step"].compile().memory_analysis()`."""
+    if self.backend != "jit":
+      raise ValueError("lower() is for the jit backend")
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    rep, cand = replicated(self.mesh), NamedSharding(self.mesh, P(CAND))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
+    keep = jax.ShapeDtypeStruct((self.num_sublayers,), jnp.bool_, sharding=rep)
+    params, prefix, h0 = (jax.tree.map(abstract, x) for x in (self.params, self.prefix, self.h0))
+    chunks = (self.cand_devices, self.num_chunks, self.chunk_width)
+    per_seq = chunks + (self.tokens.shape[0],)
+    per_entry = [jax.ShapeDtypeStruct(shape, dtype, sharding=cand) for shape, dtype in (
+        (chunks, jnp.int32), (chunks, jnp.int32), (per_seq, jnp.int32), (per_seq, jnp.bool_),
+        (per_seq, jnp.int32), (chunks, jnp.float32), (chunks, jnp.bool_))]
+    step_args = (params, prefix, abstract(self.states), abstract(self.reference),
+                 abstract(self.targets), abstract(self.weights), keep,
+                 jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep), scalar(jnp.float32))
+    return {"reference": self._reference_fn.lower(params, h0),
+            "prefix": self._prefix_fn.lower(params, prefix, h0, keep, scalar(jnp.int32)),
+            "step": self._program(True).lower(*step_args, *per_entry)}
 
   # ------------------------------------------------------------------ device programs
 
@@ -378,6 +413,9 @@ class Scorer:
     each device, so that the best of their complete scores bounds every device from the start,
     then the rest.
     """
+    if self.abstract:
+      raise ValueError("this scorer has abstract parameters (jax.ShapeDtypeStruct): it can only "
+                       "be lowered (Scorer.lower), not run")
     if not candidates:
       raise ValueError("no candidates to score")
     keep_flat = np.asarray(keep, bool).reshape(-1)

@@ -75,10 +75,17 @@ def param_sharding_fn(mesh: Mesh, cfg=None):
 
 
 def shard_params(params, mesh: Mesh, cfg=None):
-  """Places an existing parameter pytree on the mesh according to `RULES`."""
+  """Places an existing parameter pytree on the mesh according to `RULES`; abstract leaves
+  (`jax.ShapeDtypeStruct`) get the sharding attached instead."""
   fn = param_sharding_fn(mesh, cfg)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.device_put(x, fn(path[-1].key, x.shape)), params)
+
+  def place(path, x):
+    sharding = fn(path[-1].key, x.shape)
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+  return jax.tree_util.tree_map_with_path(place, params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

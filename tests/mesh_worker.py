@@ -40,6 +40,15 @@ def main(out_path, specs):
                         position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
                         backend=backend, max_candidates=2 * cfg.num_layers)
         steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
+        # The abstract scorer (ahead-of-time sizing) must lower the same sharded programs.
+        abstract_matches = None
+        if backend == "jit":
+          shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+          abstract = Scorer(shapes, cfg, tokens, metric="js", chunk_width=int(width),
+                            position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
+                            max_candidates=2 * cfg.num_layers)
+          ours, theirs = abstract.lower(), scorer.lower()
+          abstract_matches = all(ours[k].as_text() == theirs[k].as_text() for k in theirs)
       except Exception:  # reported by this config's test; the other configs still run
         out.write(json.dumps({"config": spec, "error": traceback.format_exc()}) + "\n")
         out.flush()
@@ -51,6 +60,7 @@ def main(out_path, specs):
           if x.addressable_shards[0].data.shape != x.shape)
       out.write(json.dumps({"config": spec, "digest": R.params_digest(params, tokens),
                             "seconds": time.perf_counter() - begin, "split_params": split,
+                            "abstract_matches": abstract_matches,
                             "steps": steps}) + "\n")
       out.flush()
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -177,6 +178,8 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
       assert split == [], f"{config}: parameters split without a model axis: {split}"
     else:  # every weight matrix splits its heads, FFN units or vocabulary over the model axis
       assert len(split) == 9 and not any("norm" in name for name in split), split
+  if config.endswith(",jit"):
+    assert record["abstract_matches"], f"{config}: the abstract scorer lowers other programs"
   steps = record["steps"]
   # The same ordering and scores as the plain reference...
   R.check_search(steps, R.shared_reference_greedy("js"), RTOL, config)
@@ -186,3 +189,34 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
   assert [r["sublayers"] for r in steps] == [r["sublayers"] for r in one]
   R.assert_scores_close([r["score"] for r in steps], [r["score"] for r in one], RTOL,
                         f"{config} vs 1 device")
+
+
+def abstract_params(params):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
+def test_abstract_scorer_lowers_the_same_programs():
+  """A scorer over abstract parameters (how a 70B model is sized ahead of time, see
+  benchmarks/aot_memory.py) allocates nothing and lowers exactly the concrete scorer's programs;
+  the compiled step's arguments are the arrays the concrete scorer holds."""
+  cfg, params, tokens = R.tiny_model()
+  kwargs = dict(metric="js", chunk_width=2, max_candidates=2 * L)
+  concrete = Scorer(params, cfg, tokens, **kwargs)
+  abstract = Scorer(abstract_params(params), cfg, tokens, **kwargs)
+  assert abstract.abstract and not concrete.abstract
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(
+      (abstract.params, abstract.prefix, abstract.states, abstract.reference)))
+  ours, theirs = abstract.lower(), concrete.lower()
+  assert set(ours) == {"reference", "prefix", "step"}
+  for name in ours:
+    assert ours[name].as_text() == theirs[name].as_text(), name
+  # Its arguments: at least the caches and layer weights, at most everything the scorer holds
+  # (jit drops unused ones, e.g. `targets` for js) plus the per-chunk index arrays.
+  nbytes = lambda *xs: sum(x.nbytes for x in jax.tree.leaves(xs))
+  used = nbytes(concrete.prefix, concrete.states, concrete.reference, concrete.params["layers"])
+  held = nbytes(concrete.params, concrete.prefix, concrete.states, concrete.reference,
+                concrete.targets, concrete.weights)
+  stats = ours["step"].compile().memory_analysis()
+  assert used <= stats.argument_size_in_bytes <= held + 4096
+  with pytest.raises(ValueError, match="abstract"):
+    abstract.score(dense(), sublayer_candidates(dense()))
