@@ -6,32 +6,14 @@ overrides on top: `--eval.limit=100 --eval.tasks=piqa,boolq,mmlu --eval.ratios=0
 """
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from finercut_jax.evaluation.run import default_eval_config, resolve_eval_config
+from finercut_jax.evaluation.run import default_eval_config, evaluate_run, run_eval_config
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
 _EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
                                         "Overrides of the run's evaluation settings.")
-
-
-def run_eval_config(run_dir: str, overrides: dict | None = None):
-  """The evaluation settings a run was configured with, `overrides` (flat, dotted keys) on top.
-
-  An explicit evaluation runs even if the run had evaluation disabled.
-  """
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing: {run_dir} is not a run directory")
-  with open(path) as f:
-    config = resolve_eval_config(json.load(f).get("eval"))
-  config.update_from_flattened_dict(dict(overrides or {}))
-  config.enabled = True
-  return config
 
 
 def main(argv):
@@ -39,7 +21,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-  from finercut_jax.evaluation.run import evaluate_run
   overrides = config_flags.get_override_values(flags.FLAGS["eval"])
   evaluate_run(_RUN_DIR.value, run_eval_config(_RUN_DIR.value, overrides))
 

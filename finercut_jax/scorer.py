@@ -56,6 +56,8 @@ from finercut_jax.model import (Params, apply_stacked_sublayer, embed, final_log
 from finercut_jax.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_params
 
 BACKENDS = ("jit", "pmap")
+# The per-chunk arrays of `Scorer.layout`, in the device program's argument order.
+CHUNK_ARRAYS = ("slot", "start", "resume", "from_state", "state_index", "partial", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +156,10 @@ class Scorer:
     cand_sharding = NamedSharding(self.mesh, P(CAND))
     self.h0 = self._build(lambda p: embed(p, jnp.asarray(self.tokens), self.dtype), rep,
                           self.params)
-    targets, weights = divergence.position_weights(self.metric, self.tokens, cfg.vocab_size)
-    self.targets = self._build(lambda: jnp.asarray(targets), rep)
-    self.weights = self._build(lambda: jnp.asarray(weights), rep)
+    self.targets, self.weights = (
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) if self.abstract
+        else jax.device_put(a, rep)
+        for a in divergence.position_weights(self.metric, self.tokens, cfg.vocab_size))
     ref_width = 1 if divergence.reference(self.metric, jnp.zeros((1, 1))) is None else cfg.vocab_size
     ref_sharding = NamedSharding(self.mesh, logical_spec(("positions", "vocab"),
                                                          (self.positions, ref_width), self.mesh))
@@ -193,11 +196,10 @@ class Scorer:
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
     keep = jax.ShapeDtypeStruct((self.num_sublayers,), jnp.bool_, sharding=rep)
     params, prefix, h0 = (jax.tree.map(abstract, x) for x in (self.params, self.prefix, self.h0))
-    chunks = (self.cand_devices, self.num_chunks, self.chunk_width)
-    per_seq = chunks + (self.tokens.shape[0],)
-    per_entry = [jax.ShapeDtypeStruct(shape, dtype, sharding=cand) for shape, dtype in (
-        (chunks, jnp.int32), (chunks, jnp.int32), (per_seq, jnp.int32), (per_seq, jnp.bool_),
-        (per_seq, jnp.int32), (chunks, jnp.float32), (chunks, jnp.bool_))]
+    capacity = self.cand_devices * self.slots_per_device  # a full layout: every slot in use
+    _, arrays = self.layout([Candidate(0, 1)] * capacity, np.arange(capacity), np.zeros(capacity))
+    per_entry = [jax.ShapeDtypeStruct(arrays[k].shape, arrays[k].dtype, sharding=cand)
+                 for k in CHUNK_ARRAYS]
     step_args = (params, prefix, abstract(self.states), abstract(self.reference),
                  abstract(self.targets), abstract(self.weights), keep,
                  jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep), scalar(jnp.float32))
@@ -463,14 +465,13 @@ class Scorer:
 
   def _run(self, bound: bool, keep_flat, sequences, best: float, arrays):
     """Runs the device program on a layout; returns (stop sequence, scores) `[devices, chunks, W]`."""
-    names = ("slot", "start", "resume", "from_state", "state_index", "partial", "valid")
     args = (self.params, self.prefix, self.states, self.reference, self.targets, self.weights,
             jnp.asarray(keep_flat), jnp.asarray(sequences, jnp.int32), jnp.float32(best))
     if self.backend == "pmap":
-      per_entry = [arrays[k] for k in names]
+      per_entry = [arrays[k] for k in CHUNK_ARRAYS]
     else:
       sharding = NamedSharding(self.mesh, P(CAND))
-      per_entry = [jax.device_put(arrays[k], sharding) for k in names]
+      per_entry = [jax.device_put(arrays[k], sharding) for k in CHUNK_ARRAYS]
     scores, done, self.states = self._program(bound)(*args, *per_entry)
     return np.asarray(jax.device_get(done)), np.asarray(jax.device_get(scores), np.float64)
 

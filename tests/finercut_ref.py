@@ -179,6 +179,11 @@ def check_search(records, reference, rtol, what=""):
                                               f"candidate {k} exceeds its score {want[k]}")
 
 
+def abstract_params(params):
+  """The parameter pytree as `jax.ShapeDtypeStruct`s: what the abstract (AOT) scorer takes."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
 def params_digest(params, tokens) -> str:
   """A hash of the model and tokens, so that two processes can check they built the same ones."""
   import hashlib

@@ -36,17 +36,15 @@ def main(out_path, specs):
       out.flush()
       begin = time.perf_counter()
       try:
-        scorer = Scorer(params, cfg, tokens, metric="js", chunk_width=int(width),
-                        position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
-                        backend=backend, max_candidates=2 * cfg.num_layers)
+        settings = dict(metric="js", chunk_width=int(width), position_block=R.POSITION_BLOCK,
+                        mesh=make_mesh(int(cand), int(model)), backend=backend,
+                        max_candidates=2 * cfg.num_layers)
+        scorer = Scorer(params, cfg, tokens, **settings)
         steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
         # The abstract scorer (ahead-of-time sizing) must lower the same sharded programs.
         abstract_matches = None
         if backend == "jit":
-          shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-          abstract = Scorer(shapes, cfg, tokens, metric="js", chunk_width=int(width),
-                            position_block=R.POSITION_BLOCK, mesh=make_mesh(int(cand), int(model)),
-                            max_candidates=2 * cfg.num_layers)
+          abstract = Scorer(R.abstract_params(params), cfg, tokens, **settings)
           ours, theirs = abstract.lower(), scorer.lower()
           abstract_matches = all(ours[k].as_text() == theirs[k].as_text() for k in theirs)
       except Exception:  # reported by this config's test; the other configs still run

@@ -550,7 +550,7 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
 def test_evaluate_cli_starts_from_the_runs_eval_section(tmp_path):
   """`python -m finercut_jax.evaluate` uses the run's configured evaluation, the command line's
   overrides on top, and evaluates even if the run had evaluation disabled."""
-  from finercut_jax.evaluate import run_eval_config
+  from finercut_jax.evaluation.run import run_eval_config
   (tmp_path / "config.json").write_text(json.dumps({"eval": {
       "enabled": False, "tasks": "piqa,boolq", "limit": 7, "perplexity": {"num_tokens": 96}}}))
   c = run_eval_config(str(tmp_path), {"limit": 3, "throughput.repeats": 1})

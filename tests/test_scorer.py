@@ -191,10 +191,6 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
                         f"{config} vs 1 device")
 
 
-def abstract_params(params):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-
-
 def test_abstract_scorer_lowers_the_same_programs():
   """A scorer over abstract parameters (how a 70B model is sized ahead of time, see
   benchmarks/aot_memory.py) allocates nothing and lowers exactly the concrete scorer's programs;
@@ -202,7 +198,7 @@ def test_abstract_scorer_lowers_the_same_programs():
   cfg, params, tokens = R.tiny_model()
   kwargs = dict(metric="js", chunk_width=2, max_candidates=2 * L)
   concrete = Scorer(params, cfg, tokens, **kwargs)
-  abstract = Scorer(abstract_params(params), cfg, tokens, **kwargs)
+  abstract = Scorer(R.abstract_params(params), cfg, tokens, **kwargs)
   assert abstract.abstract and not concrete.abstract
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(
       (abstract.params, abstract.prefix, abstract.states, abstract.reference)))

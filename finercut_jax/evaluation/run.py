@@ -95,6 +95,19 @@ def scoring_config(c) -> ScoringConfig:
       max_length=int(c.max_length))
 
 
+def run_eval_config(run_dir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The evaluation settings a run was configured with (its config.json's `eval` section),
+  `overrides` (flat, dotted keys) on top. An explicit evaluation runs even if the run had
+  evaluation disabled."""
+  run_config = _read_json(os.path.join(run_dir, "config.json"))
+  if run_config is None:
+    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
+  config = resolve_eval_config(run_config.get("eval"))
+  config.update_from_flattened_dict(dict(overrides or {}))
+  config.enabled = True
+  return config
+
+
 def _read_json(path, default=None):
   if not os.path.isfile(path):
     return default
