@@ -5,20 +5,27 @@ A checkpoint directory `run_dir/pruned/ratio_<r>/` holds
                store zero-size arrays; they are rebuilt from the config)
   model.json   the model config, the keep mask `[L, 2]`, the dtype and the source checkpoint
   tokenizer/   the tokenizer (save_pretrained), so the checkpoint runs without its source
-The directory appears atomically: an interrupted save leaves no half-written checkpoint.
+
+`model.json` is written last and marks a complete checkpoint: a save interrupted at any point
+leaves a directory without it, which loads as no checkpoint and is rewritten by the next save.
+On several processes every process saves its own shards through Orbax, which commits the
+`params/` directory atomically across hosts; process 0 writes `model.json` and the tokenizer.
+A save whose checkpoint already exists with the same contents is skipped.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
-from finercut_jax.io import atomic_directory
+from finercut_jax.io import atomic_write_json
 from finercut_jax.model import Params, param_shapes
 from finercut_jax.pruned import ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, prune_params
 
@@ -31,44 +38,82 @@ def pruned_dir(run_dir: str, ratio: float) -> str:
   return os.path.join(run_dir, "pruned", ratio_name(ratio))
 
 
+def _read_meta(directory: str) -> dict | None:
+  path = os.path.join(directory, "model.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarray, *,
                 tokenizer=None, source: str | None = None) -> str:
-  """Writes the pruned model of `keep` (dense params in, removed weights dropped) to `directory`."""
+  """Writes the pruned model of `keep` (dense params in, removed weights dropped) to `directory`.
+  Every process of a multi-process job calls it."""
   keep = np.asarray(keep, bool)
+  meta = {"config": cfg.to_dict(), "keep": keep.tolist(),
+          "dtype": jnp.dtype(params["embed"].dtype).name, "source": source}
+  # Process 0 decides for everyone: the hosts need not share what they can read.
+  if distributed.broadcast_json(distributed.is_primary() and _read_meta(directory) == meta):
+    return directory
   pruned = prune_params(params, keep)
   stored = {k: v for k, v in pruned.items() if k not in ("attn", "ffn")}
   for group in ("attn", "ffn"):
     if next(iter(pruned[group].values())).shape[0]:
       stored[group] = pruned[group]
-  dtype = jnp.dtype(params["embed"].dtype).name
-  with atomic_directory(directory) as tmp:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, "params"), stored)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump({"config": cfg.to_dict(), "keep": keep.tolist(), "dtype": dtype,
-                 "source": source}, f, indent=1)
+  directory = os.path.abspath(directory)
+  if distributed.is_primary():
+    os.makedirs(directory, exist_ok=True)
+    for stale in ("model.json", "tokenizer"):  # the directory is incomplete from here on
+      path = os.path.join(directory, stale)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.unlink(path)
+  distributed.barrier(f"checkpoint {directory} opened")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, "params"), stored, force=True)
+  checkpointer.wait_until_finished()
+  if distributed.is_primary():
     if tokenizer is not None:
-      tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+      tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    atomic_write_json(os.path.join(directory, "model.json"), meta)
+  distributed.barrier(f"checkpoint {directory} written")
   return directory
 
 
-def restore_pruned(directory: str, *, dtype=None) -> tuple[PrunedLlama, object]:
-  """`(PrunedLlama, tokenizer or None)` from a checkpoint directory written by `save_pruned`."""
-  meta_path = os.path.join(directory, "model.json")
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{meta_path} is missing: {directory} is not a pruned checkpoint")
-  with open(meta_path) as f:
-    meta = json.load(f)
+def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
+  """The stored pytree's shapes, dtypes and shardings (on `mesh` by the sharding rules, else on
+  this process's first device): Orbax restores straight into them."""
+  from finercut_jax.sharding import shard_params
+  shapes = param_shapes(cfg)
+  layers = shapes.pop("layers")
+  tree = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
+  for group, names, count in (("attn", ATTN_PARAM_NAMES, int(keep[:, 0].sum())),
+                              ("ffn", FFN_PARAM_NAMES, int(keep[:, 1].sum()))):
+    if count:
+      tree[group] = {n: jax.ShapeDtypeStruct((count,) + layers[n][1:], dtype) for n in names}
+  if mesh is not None:
+    return shard_params(tree, mesh, cfg)
+  single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), tree)
+
+
+def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[PrunedLlama, object]:
+  """`(PrunedLlama, tokenizer or None)` from a checkpoint directory written by `save_pruned`;
+  with `mesh`, the parameters are restored straight onto it, sharded by the sharding rules."""
+  meta = _read_meta(directory)
+  if meta is None:
+    raise FileNotFoundError(f"{os.path.join(directory, 'model.json')} is missing: {directory} is "
+                            f"not a complete pruned checkpoint")
   cfg = LlamaConfig.from_dict(meta["config"])
   keep = np.asarray(meta["keep"], bool)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"))
+  target = _abstract_pruned(cfg, keep, jnp.dtype(meta["dtype"]), mesh)
+  params = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), "params"), target)
   shapes = param_shapes(cfg)["layers"]
-  for group, names, count in (("attn", ATTN_PARAM_NAMES, keep[:, 0].sum()),
-                              ("ffn", FFN_PARAM_NAMES, keep[:, 1].sum())):
+  for group, names in (("attn", ATTN_PARAM_NAMES), ("ffn", FFN_PARAM_NAMES)):
     if group not in params:
-      if count:
-        raise ValueError(f"{directory}: the checkpoint has no {group} weights but keeps {count}")
       params[group] = {n: jnp.zeros((0,) + shapes[n][1:], meta["dtype"]) for n in names}
   if dtype is not None:
     params = jax.tree.map(lambda x: x.astype(dtype), params)
@@ -80,7 +125,8 @@ def restore_pruned(directory: str, *, dtype=None) -> tuple[PrunedLlama, object]:
   return PrunedLlama(cfg, keep, params, dtype=dtype), tokenizer
 
 
-def load_pruned(run_dir: str, ratio: float, *, dtype=None) -> tuple[PrunedLlama, object]:
+def load_pruned(run_dir: str, ratio: float, *, dtype=None, mesh=None
+                ) -> tuple[PrunedLlama, object]:
   """The pruned model of a search run at `ratio`, and its tokenizer."""
   directory = pruned_dir(run_dir, ratio)
   if not os.path.isdir(directory):
@@ -88,13 +134,21 @@ def load_pruned(run_dir: str, ratio: float, *, dtype=None) -> tuple[PrunedLlama,
         os.path.join(run_dir, "pruned")) else []
     raise FileNotFoundError(f"{directory}: no pruned checkpoint for ratio {ratio:g} "
                             f"(available: {available or 'none'})")
-  return restore_pruned(directory, dtype=dtype)
+  return restore_pruned(directory, dtype=dtype, mesh=mesh)
 
 
-def load_source_model(run_dir: str, *, dtype=None):
-  """The dense model a run pruned, and its tokenizer, from the run's resolved config."""
+def load_source_model(run_dir: str, *, dtype=None, mesh=None, run_config: dict | None = None):
+  """The dense model a run pruned, and its tokenizer, from the run's resolved config; with
+  `mesh`, loaded straight onto it (each process reads only its own shards)."""
   from finercut_jax.loading import load_model
-  with open(os.path.join(run_dir, "config.json")) as f:
-    config = json.load(f)
-  dtype = dtype or jnp.dtype(config["model"]["dtype"])
-  return load_model(config["model"]["path"], dtype)
+  from finercut_jax.sharding import param_sharding_fn
+  if run_config is None:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      run_config = json.load(f)
+  dtype = dtype or jnp.dtype(run_config["model"]["dtype"])
+  path = run_config["model"]["path"]
+  sharding_fn = None
+  if mesh is not None:
+    from finercut_jax.loading import load_config
+    sharding_fn = param_sharding_fn(mesh, load_config(path))
+  return load_model(path, dtype, sharding_fn=sharding_fn)

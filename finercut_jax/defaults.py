@@ -37,6 +37,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.scorer.state_every = 2  # keep candidates' states every this many sublayer boundaries...
   c.scorer.state_memory_gb = 2.0  # ...coarser if they would exceed this per device (0: keep none)
 
+  # Several processes (TPU pod slice, GPU cluster): unset, a SLURM/Open MPI/Cloud TPU launch is
+  # detected and one process runs otherwise; set all three for any other launcher.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port"
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 
   # Evaluation of the dense and pruned models after the search (finercut_jax/evaluation).

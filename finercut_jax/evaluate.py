@@ -2,9 +2,14 @@ r"""Evaluates an existing run: `python -m finercut_jax.evaluate --run_dir=runs/x
 
 Evaluation settings are the run's own `eval` section (its `config.json`), with the command line's
 overrides on top: `--eval.limit=100 --eval.tasks=piqa,boolq,mmlu --eval.ratios=0.25`. Writes
-`eval_results.json`, the plots and `report.md` into the run directory.
+`eval_results.json`, the plots and `report.md` into the run directory. The models are loaded onto
+the run's mesh (`scorer.mesh_model`); on a TPU pod slice or GPU cluster run it on every host as
+the search was (the distributed runtime starts as in `finercut_jax.main`, from the cluster's
+launcher or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,13 +21,33 @@ _EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
                                         "Overrides of the run's evaluation settings.")
 
 
+def run(run_dir: str, overrides: dict | None = None) -> dict:
+  from finercut_jax import distributed, sharding
+  distributed.initialize()
+  config = run_eval_config(run_dir, overrides)
+  mesh_model = distributed.broadcast_json(
+      _scorer_setting(run_dir, "mesh_model", 1) if distributed.is_primary() else None)
+  return evaluate_run(run_dir, config, mesh=sharding.make_mesh(model=mesh_model))
+
+
+def _scorer_setting(run_dir, key, default):
+  import json
+  import os
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return json.load(f).get("scorer", {}).get(key, default)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   overrides = config_flags.get_override_values(flags.FLAGS["eval"])
-  evaluate_run(_RUN_DIR.value, run_eval_config(_RUN_DIR.value, overrides))
+  try:
+    run(_RUN_DIR.value, overrides)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

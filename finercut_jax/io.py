@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -35,19 +34,3 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
   buf = io.BytesIO()
   np.save(buf, array)
   atomic_write_bytes(path, buf.getvalue())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str):
-  """Yields a temporary directory beside `path` that replaces `path` when the block succeeds."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
-  try:
-    yield tmp
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

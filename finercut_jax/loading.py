@@ -56,7 +56,7 @@ class CheckpointError(ValueError):
 
 
 def _default_sharding(name: str, shape: tuple) -> jax.sharding.Sharding:
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def resolve_default_model() -> str:
@@ -117,7 +117,7 @@ class _SafetensorsIndex:
     return tuple(self._file(name).get_slice(name).get_shape())
 
   def read(self, name: str, index: tuple) -> np.ndarray:
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
       return np.asarray(self._file(name).get_slice(name)[index])
 
   def _file(self, name):

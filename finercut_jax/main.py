@@ -40,16 +40,22 @@ def validate(config) -> None:
 
 
 def run(config) -> str:
-  """Runs (or resumes) the search of `config`; returns the run directory."""
+  """Runs (or resumes) the search of `config`; returns the run directory.
+
+  As several processes (a TPU pod slice, a GPU cluster), every process runs this same function:
+  all of them load their own shards, score and choose identically; process 0 writes the files.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
 
-  from finercut_jax import checkpoint, data, io, loading, search, sharding
+  from finercut_jax import checkpoint, data, distributed, io, loading, search, sharding
   from finercut_jax.scorer import Scorer
 
   validate(config)
+  distributed.initialize(distributed.Settings.from_config(config.get("distributed")))
+  primary = distributed.is_primary()
   dtype = jnp.dtype(config.model.dtype)
   model_path = loading.resolve_path(config.model.path)
   model_cfg = loading.load_config(model_path)  # a missing or unsupported checkpoint fails here
@@ -61,21 +67,32 @@ def run(config) -> str:
   tokenizer = loading.load_tokenizer(model_path)
   tokens = data.calibration_tokens(tokenizer, config.data.source, config.data.num_sequences,
                                    config.data.seq_len)
+  distributed.check_same("calibration tokens", tokens.tobytes())
 
   mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
-  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
-  model_cfg, params = loading.load_params(model_path, dtype,
-                                          sharding.param_sharding_fn(mesh, model_cfg))
+  logging.info("process %d of %d: mesh %s over %d %s devices", jax.process_index(),
+               jax.process_count(), dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
-  # Everything that can fail on bad input has run: only now is the run directory written.
+  # Everything that can fail on bad input runs before the run directory is written.
   run_dir = config.run_dir
   tokens_path = os.path.join(run_dir, "calibration_tokens.npy")
-  if os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens):
+  state_path = os.path.join(run_dir, "search_state.json")
+  fingerprint = {"model": model_path, "dtype": config.model.dtype,
+                 "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+                 "metric": config.search.metric}
+  tokens_differ = distributed.broadcast_json(
+      primary and os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens))
+  if tokens_differ:
     raise ConfigError(f"{tokens_path} differs from this config's calibration tokens; "
                       f"use a new run_dir")
-  os.makedirs(run_dir, exist_ok=True)
-  io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
-  io.atomic_save_npy(tokens_path, tokens)
+  search.load_state(state_path, search.search_fingerprint(spec, fingerprint))
+  model_cfg, params = loading.load_params(model_path, dtype,
+                                          sharding.param_sharding_fn(mesh, model_cfg))
+  if primary:
+    os.makedirs(run_dir, exist_ok=True)
+    io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
+    io.atomic_save_npy(tokens_path, tokens)
+  distributed.barrier("run directory written")
 
   scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
@@ -84,7 +101,8 @@ def run(config) -> str:
                   state_every=config.scorer.state_every,
                   state_memory=config.scorer.state_memory_gb * 2**30)
 
-  bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout)
+  bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout,
+             disable=not primary)
 
   def on_step(record):
     stats = record.get("stats") or {}
@@ -94,35 +112,37 @@ def run(config) -> str:
         f"{stats.get('flops_per_second', 0) / 1e9:.1f} GFLOP/s")
     bar.update(1)
 
-  fingerprint = {"model": model_path, "dtype": config.model.dtype,
-                 "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-                 "metric": config.search.metric}
-  steps = search.greedy_search(scorer, spec, state_path=os.path.join(run_dir, "search_state.json"),
-                               fingerprint=fingerprint, on_step=on_step)
+  steps = search.greedy_search(scorer, spec, state_path=state_path, fingerprint=fingerprint,
+                               on_step=on_step)
   bar.close()
+  del scorer  # its caches and kept states: the checkpoints and the evaluation need the memory
 
   ranking = {"model": model_path, "num_layers": model_cfg.num_layers, "pool": spec.pool,
              "metric": config.search.metric, "steps": [
                  {k: v for k, v in r.items() if k != "scores"} for r in steps]}
-  io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking)
   masks = {}
   for ratio in sorted(set(config.search.mask_ratios) | {config.search.ratio}):
     n = search.steps_needed(ratio, model_cfg.num_layers, spec.pool)
     keep = search.keep_mask(model_cfg.num_layers, [r["sublayers"] for r in steps[:n]])
     masks[f"{ratio:g}"] = keep.tolist()
-    if config.checkpoint:
+    if config.checkpoint:  # every process: each saves its own shards
       checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, ratio), model_cfg, params, keep,
                              tokenizer=tokenizer, source=model_path)
-  io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)
-  removed = steps[:search.steps_needed(config.search.ratio, model_cfg.num_layers, spec.pool)]
-  print(f"removed {len(removed)} at ratio {config.search.ratio:g}: " + ", ".join(
-      f"{r['kind']}{r['block']}" for r in removed))
-  print(f"attention sublayers among them: {sum(r['kind'] == 'attn' for r in removed)}")
+  del params
+  if primary:
+    io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking)
+    io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)
+    removed = steps[:search.steps_needed(config.search.ratio, model_cfg.num_layers, spec.pool)]
+    print(f"removed {len(removed)} at ratio {config.search.ratio:g}: " + ", ".join(
+        f"{r['kind']}{r['block']}" for r in removed))
+    print(f"attention sublayers among them: {sum(r['kind'] == 'attn' for r in removed)}")
+  distributed.barrier("search results written")
 
   if config.eval.enabled:
     from finercut_jax.evaluation import evaluate_run
-    evaluate_run(run_dir, config.eval)
-  print(f"run directory: {run_dir}")
+    evaluate_run(run_dir, config.eval, mesh=mesh)
+  if primary:
+    print(f"run directory: {run_dir}")
   return run_dir
 
 

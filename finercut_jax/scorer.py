@@ -49,7 +49,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from finercut_jax import divergence
+from finercut_jax import distributed, divergence
 from finercut_jax.config import LlamaConfig
 from finercut_jax.model import (Params, apply_stacked_sublayer, embed, final_logits, rope_tables,
                                 run_layers)
@@ -121,8 +121,9 @@ class Scorer:
       raise ValueError(f"chunk_width and state_every must be >= 1, got {chunk_width}, {state_every}")
     self.backend = backend
     self.mesh = mesh if mesh is not None else make_mesh(cand=1, model=1)
-    if backend == "pmap" and self.mesh.shape[MODEL] != 1:
-      raise ValueError("the pmap backend needs replicated parameters (model axis 1); use backend='jit'")
+    if backend == "pmap" and (self.mesh.shape[MODEL] != 1 or jax.process_count() > 1):
+      raise ValueError("the pmap backend needs replicated parameters (model axis 1) on one "
+                       "process; use backend='jit'")
     self.tokens = np.asarray(tokens, np.int32)
     n, t = self.tokens.shape
     self.positions = n * t
@@ -473,7 +474,9 @@ class Scorer:
       sharding = NamedSharding(self.mesh, P(CAND))
       per_entry = [jax.device_put(arrays[k], sharding) for k in CHUNK_ARRAYS]
     scores, done, self.states = self._program(bound)(*args, *per_entry)
-    return np.asarray(jax.device_get(done)), np.asarray(jax.device_get(scores), np.float64)
+    # On several processes each holds its own devices' entries: every process gathers all of them,
+    # so the host-side choice is the same everywhere.
+    return distributed.gather(done), distributed.gather(scores).astype(np.float64)
 
   def score(self, keep: np.ndarray, candidates: list[Candidate]) -> tuple[np.ndarray, StepStats]:
     """Exact scores of every candidate."""

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from finercut_jax import distributed
 from finercut_jax.io import atomic_write_json
 from finercut_jax.scorer import Candidate, Scorer
 
@@ -93,11 +94,25 @@ def describe(candidate: Candidate) -> dict:
           "kind": KIND_NAMES[kind]}
 
 
+def search_fingerprint(spec: SearchSpec, fingerprint: dict | None = None) -> dict:
+  """What a state file must match to be resumed: the caller's fingerprint and the search spec.
+  The ordering does not depend on how far it runs: a longer or shorter run may resume it."""
+  identity = dataclasses.asdict(spec)
+  if not spec.one_shot:
+    identity.pop("num_steps")
+  return dict(fingerprint or {}, spec=identity)
+
+
 def load_state(path: str | None, fingerprint: dict) -> list[dict]:
-  if path is None or not os.path.exists(path):
+  """The recorded steps of a state file (none if absent); an error if it holds another search.
+  Process 0 reads it and every process gets its copy, so hosts need not share a file system."""
+  state = None
+  if path is not None and distributed.is_primary() and os.path.exists(path):
+    with open(path) as f:
+      state = json.load(f)
+  state = distributed.broadcast_json(state)
+  if state is None:
     return []
-  with open(path) as f:
-    state = json.load(f)
   if state.get("fingerprint") != fingerprint:
     raise SearchStateError(
         f"{path} holds a different search (model, dtype, calibration tokens, metric, pool, "
@@ -109,17 +124,14 @@ def load_state(path: str | None, fingerprint: dict) -> list[dict]:
 def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = None,
                   fingerprint: dict | None = None,
                   on_step: Callable[[dict], None] | None = None) -> list[dict]:
-  """Runs (or resumes) the search; returns one record per removal, in order."""
-  # The ordering does not depend on how far it runs: a longer or shorter run may resume it.
-  identity = dataclasses.asdict(spec)
-  if not spec.one_shot:
-    identity.pop("num_steps")
-  fingerprint = dict(fingerprint or {}, spec=identity)
+  """Runs (or resumes) the search; returns one record per removal, in order. Every process of a
+  multi-process job runs it and gets the same records; process 0 writes the state."""
+  fingerprint = search_fingerprint(spec, fingerprint)
   steps = load_state(state_path, fingerprint)
   pool = spec.pool_candidates()
 
   def save():
-    if state_path is not None:
+    if state_path is not None and distributed.is_primary():
       atomic_write_json(state_path, {"fingerprint": fingerprint, "steps": steps})
 
   if spec.one_shot and not steps:

@@ -38,15 +38,23 @@ RULES = {"q_heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL,
 
 
 def make_mesh(cand: int | None = None, model: int = 1, devices=None) -> Mesh:
-  """A `(cand, model)` mesh over `devices` (all by default); `cand=None` uses all that remain."""
+  """A `(cand, model)` mesh over `devices` (all devices of all processes by default); `cand=None`
+  uses all that remain. Over every device, JAX orders them by the physical topology (TPU ICI
+  rings, GPU hosts), so the model axis stays on neighbouring chips and, where it fits, one host."""
   devices = list(devices if devices is not None else jax.devices())
   if model < 1 or len(devices) % model:
-    raise ValueError(f"model axis {model} does not divide the {len(devices)} devices")
+    raise ValueError(f"the mesh's model axis {model} (scorer.mesh_model) does not divide the "
+                     f"{len(devices)} devices of this job ({jax.process_count()} process(es)); "
+                     f"run on a multiple of {model} devices or set --config.scorer.mesh_model")
   cand = cand or len(devices) // model
   if cand * model > len(devices):
-    raise ValueError(f"mesh {cand}x{model} needs {cand * model} devices, {len(devices)} available")
+    raise ValueError(f"mesh {cand}x{model} (scorer.mesh_cand x scorer.mesh_model) needs "
+                     f"{cand * model} devices, this job has {len(devices)}")
+  axis_types = (AxisType.Auto, AxisType.Auto)
+  if cand * model == len(devices):
+    return jax.make_mesh((cand, model), (CAND, MODEL), axis_types, devices=devices)
   grid = np.asarray(devices[:cand * model]).reshape(cand, model)
-  return Mesh(grid, (CAND, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+  return Mesh(grid, (CAND, MODEL), axis_types=axis_types)
 
 
 def logical_spec(axes, shape, mesh: Mesh, units: dict | None = None) -> P:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
 from finercut_jax.model import Params, embed, ffn_branch, final_logits, rms_norm, rope_inv_freq
 
@@ -189,7 +190,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, *,
     new, logits, cache = greedy_steps(model.params, sched, logits, cache, positions, cfg=model.cfg,
                                       dtype=dtype.name, num_steps=chunk)
     positions = positions + chunk
-    out = np.concatenate([out, np.asarray(new)], axis=1)
+    out = np.concatenate([out, distributed.gather(new)], axis=1)
     if stop is not None and all(stop(r, out[r].tolist()) for r in range(B)):
       break
   return [row[:max_new_tokens].tolist() for row in out]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
 from finercut_jax.model import Llama, Params, embed, final_logits
 from finercut_jax.pruned import (ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, make_schedule,
@@ -192,7 +193,7 @@ def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int
         for c, (_, p, t) in enumerate(row.slots):
           pos[r, c], tgt[r, c] = p, t
       lp, gr = model.score_slots(tokens, pos, tgt)
-      lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+      lp, gr = distributed.gather(lp).astype(np.float64), distributed.gather(gr)
       for r, row in enumerate(batch):
         for c, (i, _, _) in enumerate(row.slots):
           logp[i] += lp[r, c]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finercut_jax import distributed
 from finercut_jax.evaluation.lm import EvalModel
 from finercut_jax.model import embed, final_logits
 from finercut_jax.pruned import pruned_hidden
@@ -76,7 +77,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 4) -> 
     if real < batch_size:  # pad with copies so one shape compiles; their NLL is dropped
       batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
     nll = window_nll(model.params, schedule, jnp.asarray(batch), cfg=model.cfg, dtype=dtype)
-    total += float(np.asarray(nll, np.float64)[:real].sum())
+    total += float(distributed.gather(nll).astype(np.float64)[:real].sum())
   count = n * (seq_len - 1)
   mean = total / count
   return {"perplexity": math.exp(mean), "nll": mean, "num_predictions": count,

@@ -161,77 +161,106 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   return out
 
 
-def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                     results, path, log):
-  """Loads the models (dense: the run's source; pruned: checkpoints, else the masks) and
-  evaluates those not in `done`; then their throughput, interleaved."""
+def _load_model(run_dir, run_config, key, masks, mesh, dense_params):
+  """The model `key` ("dense" or a ratio of masks.json) and where it came from: the run's source
+  (dense), its pruned checkpoint, or, without one (config.checkpoint=False), the dense weights
+  pruned by the mask. Returns (EvalModel, tokenizer or None, source, dense parameters if loaded)."""
   from finercut_jax import checkpoint
+  if key == "dense":
+    dense_model, tokenizer = checkpoint.load_source_model(run_dir, mesh=mesh,
+                                                          run_config=run_config)
+    # Kept only where a ratio has no checkpoint and is pruned from it: never a second copy else.
+    keep_dense = dense_model if not run_config.get("checkpoint", True) else None
+    return EvalModel.wrap(dense_model, "dense"), tokenizer, "source", keep_dense
+  name, keep = f"ratio {float(key):g}", np.asarray(masks[key], bool)
+  try:
+    pruned_model, tokenizer = checkpoint.load_pruned(run_dir, float(key), mesh=mesh)
+  except FileNotFoundError:
+    if dense_params is None:
+      dense_params = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
+    return (EvalModel.from_dense(dense_params.config, dense_params.params(), keep, name=name,
+                                 dtype=dense_params.dtype), None, "mask", dense_params)
+  model = EvalModel.wrap(pruned_model, name)
+  if not np.array_equal(model.keep, keep):
+    raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "
+                     f"ratio {key}")
+  return model, tokenizer, "checkpoint", None
+
+
+def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
+                     results, path, mesh, log):
+  """Evaluates, one model at a time (each loaded onto `mesh`, evaluated, then freed), the dense
+  model and each ratio not in `done`, with its throughput."""
+  from finercut_jax import distributed
   from finercut_jax.io import atomic_write_json
-  dense_model, tokenizer = checkpoint.load_source_model(run_dir)
-  dense = EvalModel.wrap(dense_model, "dense")
-  models = {"dense": (dense, 0.0, "source")}
-  for ratio in ratios:
-    keep = np.asarray(masks[ratio], bool)
-    try:
-      pruned_model, _ = checkpoint.load_pruned(run_dir, float(ratio))
-      model, source = EvalModel.wrap(pruned_model, f"ratio {float(ratio):g}"), "checkpoint"
-      if not np.array_equal(model.keep, keep):
-        raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "
-                         f"ratio {ratio}")
-    except FileNotFoundError:
-      # No checkpoint written (config.checkpoint=False): prune the dense weights by the mask.
-      model = EvalModel.from_dense(dense.cfg, dense_model.params(), keep,
-                                   name=f"ratio {float(ratio):g}", dtype=dense.dtype)
-      source = "mask"
-    models[ratio] = (model, float(ratio), source)
-
-  heldout = None
-  for key, (model, ratio, source) in models.items():
-    if key in done:
-      log(f"  {model.name}: reusing the results in {path}")
-      record(key, done[key])
+  tp = eval_config.throughput
+  heldout, tokenizer, prompt, dense_params = None, None, None, None
+  for key in ["dense"] + ratios:
+    entry = done.get(key)
+    if entry is not None and (not tp.enabled or "throughput" in entry):
+      log(f"  {entry['name']}: reusing the results in {path}")
+      record(key, entry)
       continue
-    if heldout is None and eval_config.perplexity.enabled:
-      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
-    entry = evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
-                           log=log)
-    record(key, {"ratio": ratio, "source": source, **entry})
-
-  if eval_config.throughput.enabled and not all(
-      "throughput" in results["models"][k] for k in models):
-    tp = eval_config.throughput
-    measured = throughput.compare({k: m for k, (m, _, _) in models.items()},
-                                  batch_size=tp.batch_size, prompt_len=tp.prompt_len,
-                                  decode_steps=tp.decode_steps, repeats=tp.repeats)
-    for key, entry in results["models"].items():
-      entry["throughput"] = measured[key]
-      if key != "dense":
-        entry["throughput_vs_dense"] = throughput.relative_to(measured["dense"], measured[key])
-      log(f"  {entry['name']}: prefill {measured[key]['prefill_tokens_per_s']:.1f} tok/s, "
-          f"decode {measured[key]['decode_tokens_per_s']:.1f} tok/s")
+    model, model_tokenizer, source, dense_params = _load_model(
+        run_dir, run_config, key, masks, mesh, dense_params)
+    tokenizer = tokenizer or model_tokenizer
+    if tokenizer is None:
+      from finercut_jax.loading import load_tokenizer
+      tokenizer = load_tokenizer(run_config["model"]["path"])
+    if entry is None:
+      if heldout is None and eval_config.perplexity.enabled:
+        heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
+      entry = {"ratio": 0.0 if key == "dense" else float(key), "source": source,
+               **evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
+                                log=log)}
+    if tp.enabled:
+      if prompt is None:  # the same prompts for every model
+        prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size,
+                                                   (tp.batch_size, tp.prompt_len))
+      entry["throughput"] = throughput.measure(model, batch_size=tp.batch_size,
+                                               prompt_len=tp.prompt_len,
+                                               decode_steps=tp.decode_steps, repeats=tp.repeats,
+                                               tokens=prompt)
+      log(f"  {entry['name']}: prefill {entry['throughput']['prefill_tokens_per_s']:.1f} tok/s, "
+          f"decode {entry['throughput']['decode_tokens_per_s']:.1f} tok/s")
+    record(key, entry)
+    del model
+  dense_tp = results["models"].get("dense", {}).get("throughput")
+  for key, entry in results["models"].items():
+    if key != "dense" and dense_tp and "throughput" in entry:
+      entry["throughput_vs_dense"] = throughput.relative_to(dense_tp, entry["throughput"])
+  if distributed.is_primary():
     atomic_write_json(path, results)
 
 
-def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
+def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dict:
   """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
 
   Rerunning with the same settings reuses the models already in `eval_results.json` (matched by
-  keep mask), so an interrupted evaluation resumes.
+  keep mask), so an interrupted evaluation resumes. With `mesh` the models are loaded onto it,
+  sharded by the sharding rules, one at a time. On several processes every process calls this;
+  process 0 reads and writes the run directory and logs.
   """
+  from finercut_jax import distributed
   from finercut_jax.io import atomic_write_json
+  primary = distributed.is_primary()
+  if not primary:
+    log = lambda *_: None  # noqa: E731
   eval_config = resolve_eval_config(eval_config)
-  run_config = _read_json(os.path.join(run_dir, "config.json"))
+  read = lambda name, default=None: distributed.broadcast_json(
+      _read_json(os.path.join(run_dir, name), default) if primary else None)
+  run_config = read("config.json")
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
-  masks = _read_json(os.path.join(run_dir, "masks.json"), {})
-  ranking = _read_json(os.path.join(run_dir, "ranking.json"))
+  masks = read("masks.json", {})
+  ranking = read("ranking.json")
+  previous = read("eval_results.json", {})
   wanted = _csv(eval_config.ratios)
   ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
                   key=float)
   scoring = scoring_config(eval_config.scoring)
   path = os.path.join(run_dir, "eval_results.json")
   settings = json.loads(eval_config.to_json())
-  previous = _read_json(path, {})
   reusable = previous.get("models", {}) if previous.get("eval_config") == settings else {}
 
   log(f"evaluating {run_dir}: dense + ratios {ratios}")
@@ -241,28 +270,24 @@ def evaluate_run(run_dir: str, eval_config=None, *, log=print) -> dict:
 
   def record(key, entry):
     results["models"][key] = entry
-    atomic_write_json(path, results)
+    if primary:
+      atomic_write_json(path, results)
 
   keeps = {r: np.asarray(masks[r], bool) for r in ratios}
   if masks:
     keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
   done = {k: reusable[k] for k, keep in keeps.items()
           if k in reusable and reusable[k].get("keep") == keep.tolist()}
-  if len(done) == len(ratios) + 1 and (not eval_config.throughput.enabled or all(
-      "throughput" in e for e in done.values())):
-    # Everything was evaluated with these settings already: only the plots and report are redone.
-    for key in ["dense"] + ratios:
-      log(f"  {key}: reusing the results in {path}")
-      record(key, done[key])
-  else:
-    _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                     results, path, log)
+  _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
+                   results, path, mesh, log)
 
-  if eval_config.plots:
+  if eval_config.plots and primary:
     results["plots"] = {k: os.path.basename(v) for k, v in
                         plots.make_plots(run_dir, ranking, {r: masks[r] for r in ratios} or masks,
                                          results, results["model"]).items()}
     atomic_write_json(path, results)
-  report.write_report(run_dir, results, ranking, run_config)
+  if primary:
+    report.write_report(run_dir, results, ranking, run_config)
+  distributed.barrier("evaluation written")
   log(f"wrote {path} and {os.path.join(run_dir, 'report.md')}")
   return results
