@@ -3,6 +3,11 @@
 Expects a local Hugging Face checkpoint directory (config.json + safetensors); point
 --config.model.path at it. WikiText-2 must be available to `datasets` locally, or set
 --config.data.source to a local .txt/.jsonl/.parquet file.
+
+Mesh: an 8-way model axis (scorer.mesh_model=8: the weights split over 8 devices, 17.5 GB each in
+bfloat16) and a candidate axis over the rest, so it needs a multiple of 8 devices (8x H100/H200,
+a v5p-16 or larger slice) and stops at once on any other count. Several hosts run it as one
+program: launch/tpu_pod.sh (TPU VM slice) or launch/slurm_gpu.sbatch (SLURM GPU cluster).
 """
 from finercut_jax.defaults import paper_config
 

@@ -303,7 +303,8 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
 def _put(path, name, w, shape, dtype, sharding):
   if tuple(w.shape) != tuple(shape):
     raise CheckpointError(f"{path}: tensor {name} has shape {w.shape}, expected {tuple(shape)}")
-  return jax.device_put(jnp.asarray(w, dtype), sharding)
+  # From host memory (not a device array) so that a sharding over several processes takes it.
+  return jax.device_put(np.asarray(w).astype(dtype), sharding)
 
 
 # ----------------------------------------------------------------------------- public

@@ -56,6 +56,14 @@ def run(config) -> str:
   validate(config)
   distributed.initialize(distributed.Settings.from_config(config.get("distributed")))
   primary = distributed.is_primary()
+  # A device count the config's mesh does not fit fails here, before anything is read.
+  mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
+  where = (f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "
+           f"{jax.local_device_count()} of them local")
+  if jax.process_count() > 1:
+    print(f"process {jax.process_index()} of {jax.process_count()}: {where}", flush=True)
+  else:
+    logging.info(where)
   dtype = jnp.dtype(config.model.dtype)
   model_path = loading.resolve_path(config.model.path)
   model_cfg = loading.load_config(model_path)  # a missing or unsupported checkpoint fails here
@@ -65,13 +73,12 @@ def run(config) -> str:
           config.search.ratio, model_cfg.num_layers, config.search.pool),
       protect_front=config.search.protect_front, one_shot=config.search.one_shot)
   tokenizer = loading.load_tokenizer(model_path)
+  if len(tokenizer) > model_cfg.vocab_size:  # its ids past the embedding would be clamped
+    raise ConfigError(f"{model_path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                      f"vocabulary is {model_cfg.vocab_size}: tokenizer and model do not match")
   tokens = data.calibration_tokens(tokenizer, config.data.source, config.data.num_sequences,
                                    config.data.seq_len)
   distributed.check_same("calibration tokens", tokens.tobytes())
-
-  mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
-  logging.info("process %d of %d: mesh %s over %d %s devices", jax.process_index(),
-               jax.process_count(), dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   # Everything that can fail on bad input runs before the run directory is written.
   run_dir = config.run_dir
