@@ -14,7 +14,6 @@ A save whose checkpoint already exists with the same contents is skipped.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
-from finercut_jax.io import atomic_write_json
+from finercut_jax.io import atomic_write_json, read_json
 from finercut_jax.model import Params, param_shapes
 from finercut_jax.pruned import ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, prune_params
 
@@ -39,11 +38,7 @@ def pruned_dir(run_dir: str, ratio: float) -> str:
 
 
 def _read_meta(directory: str) -> dict | None:
-  path = os.path.join(directory, "model.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(os.path.join(directory, "model.json"))
 
 
 def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarray, *,
@@ -143,8 +138,7 @@ def load_source_model(run_dir: str, *, dtype=None, mesh=None, run_config: dict |
   from finercut_jax.loading import load_model
   from finercut_jax.sharding import param_sharding_fn
   if run_config is None:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      run_config = json.load(f)
+    run_config = read_json(os.path.join(run_dir, "config.json"), missing_ok=False)
   dtype = dtype or jnp.dtype(run_config["model"]["dtype"])
   path = run_config["model"]["path"]
   sharding_fn = None

@@ -73,6 +73,16 @@ def _wikitext_lines(split: str) -> list[str]:
 def _file_lines(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such text file")
+  try:
+    return _read_file_lines(path)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to "
+                    f"UTF-8") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: invalid JSON line ({e})") from None
+
+
+def _read_file_lines(path: str) -> list[str]:
   if path.endswith(".txt"):
     with open(path, encoding="utf-8") as f:
       return f.read().splitlines()

@@ -64,13 +64,15 @@ def position_terms(metric: str, ref, logits: jax.Array, targets: jax.Array) -> j
   # M = (P+Q)/2 from the probabilities: one log per element instead of a logaddexp (an exp and a
   # log1p), 2.5x faster on a CPU. M only underflows to 0 where P and Q both do; the limit of
   # every term there is 0 (x log x -> 0), which the `where` makes explicit instead of 0 * -inf.
+  # It tests `m == 0`, not `m > 0`: a NaN must reach the score (and its finiteness check), and
+  # `NaN > 0` is false. jnp.maximum propagates NaN too.
   m = 0.5 * (p + q)
   logm = jnp.log(m)
   if metric == "js":
     terms = p * (logp - logm) + q * (logq - logm)
   else:  # js_official: KL(M||P) + KL(M||Q) with M as the target distribution.
     terms = m * (2.0 * logm - logp - logq)
-  return jnp.maximum(0.5 * jnp.sum(jnp.where(m > 0, terms, 0.0), axis=-1), 0.0)
+  return jnp.maximum(0.5 * jnp.sum(jnp.where(m == 0, 0.0, terms), axis=-1), 0.0)
 
 
 def _softmax_and_log(logits: jax.Array) -> tuple[jax.Array, jax.Array]:

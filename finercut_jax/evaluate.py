@@ -31,10 +31,9 @@ def run(run_dir: str, overrides: dict | None = None) -> dict:
 
 
 def _scorer_setting(run_dir, key, default):
-  import json
   import os
-  with open(os.path.join(run_dir, "config.json")) as f:
-    return json.load(f).get("scorer", {}).get(key, default)
+  from finercut_jax.io import read_json
+  return read_json(os.path.join(run_dir, "config.json"), {}).get("scorer", {}).get(key, default)
 
 
 def main(argv):

@@ -9,6 +9,22 @@ import tempfile
 import numpy as np
 
 
+class UnreadableFileError(ValueError):
+  """A file exists but is not what it should be (invalid JSON, not UTF-8)."""
+
+
+def read_json(path: str, default=None, *, missing_ok: bool = True):
+  """The JSON in `path`; `default` if it does not exist (with `missing_ok`). A damaged file is an
+  error naming it: it is never silently replaced by the default."""
+  if missing_ok and not os.path.isfile(path):
+    return default
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UnreadableFileError(f"{path}: not valid JSON ({e}); restore or delete it") from None
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -34,3 +50,33 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
   buf = io.BytesIO()
   np.save(buf, array)
   atomic_write_bytes(path, buf.getvalue())
+
+
+class RunDirectoryBusy(ValueError):
+  """Another job is writing the same run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+  """Holds an exclusive lock on `run_dir` (its `.lock` file) while the block runs, so two jobs
+  never mix their results in one directory. The operating system releases it when the process
+  ends, however it ends; the file only records who held it last."""
+  import fcntl
+  import socket
+  import time
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, ".lock")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+      raise RunDirectoryBusy(f"{run_dir} is in use by another job ({holder}): wait for it to "
+                             f"finish or use another run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock

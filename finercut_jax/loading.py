@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finercut_jax.config import LlamaConfig
+from finercut_jax.io import read_json
 from finercut_jax.model import Llama, Params, param_shapes
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -89,8 +90,9 @@ class _SafetensorsIndex:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index, missing_ok=False).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map'")
     elif os.path.isfile(single):
       weight_map = None
     else:
@@ -326,8 +328,28 @@ def _read_hf_config(directory: str) -> dict:
                           f"'{DEFAULT_MODEL}')")
   if not os.path.isfile(cfg_path):
     raise CheckpointError(f"{cfg_path} is missing")
-  with open(cfg_path) as f:
-    return json.load(f)
+  return read_json(cfg_path, missing_ok=False)
+
+
+def check_finite(params: Params, source: str) -> None:
+  """Refuses weights holding NaN or inf (a damaged or badly converted checkpoint), naming the
+  tensor and block: they would make every score NaN and the search meaningless."""
+  flags = jax.jit(lambda p: jax.tree.map(
+      lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if x.ndim > 1
+      else jnp.all(jnp.isfinite(x)), p))(params)
+  from finercut_jax import distributed
+  bad = []
+  for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
+    ok = distributed.gather(ok)
+    name = path[-1].key
+    if path[0].key == "layers":
+      bad += [f"{name} of block {l}" for l in np.flatnonzero(~ok)]
+    elif not ok.all():
+      bad.append(name)
+  if bad:
+    raise CheckpointError(f"{source}: weights hold NaN/inf: {', '.join(bad[:6])}"
+                          f"{' ...' if len(bad) > 6 else ''} (a damaged or badly converted "
+                          f"checkpoint)")
 
 
 def load_params(path: str, dtype=jnp.float32,
@@ -338,9 +360,43 @@ def load_params(path: str, dtype=jnp.float32,
   if path.endswith(".gguf"):
     if not os.path.isfile(path):
       raise CheckpointError(f"{path}: no such GGUF file")
-    return _gguf_params(path, dtype, sharding_fn)
-  cfg = LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
-  return cfg, _hf_params(path, cfg, dtype, sharding_fn)
+    cfg, params = _gguf_params(path, dtype, sharding_fn)
+  else:
+    cfg = LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
+    params = _hf_params(path, cfg, dtype, sharding_fn)
+  check_finite(params, path)
+  return cfg, params
+
+
+def weights_fingerprint(path: str) -> dict:
+  """Identifies a checkpoint's contents cheaply, wherever it lies: per weight file, its size and
+  a SHA-256 of its first and last MiB (headers and data: same-architecture weights share their
+  headers). A search resumes only on the same fingerprint, so swapped weights are refused."""
+  path = resolve_path(path)
+  if os.path.isdir(path):
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".json")) and
+                   not f.startswith("."))
+    files = [os.path.join(path, f) for f in files]
+  else:
+    files = [path]
+  out = {}
+  for f in files:
+    size = os.path.getsize(f)
+    digest = hashlib.sha256()
+    with open(f, "rb") as fh:
+      digest.update(fh.read(2**20))
+      if size > 2**21:
+        fh.seek(size - 2**20)
+      digest.update(fh.read(2**20))
+    out[os.path.basename(f)] = [size, digest.hexdigest()]
+  return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """SHA-256 of a tokenizer's vocabulary and special tokens."""
+  data = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id,
+                     tokenizer.eos_token_id], separators=(",", ":"))
+  return hashlib.sha256(data.encode()).hexdigest()
 
 
 def load_tokenizer(path: str):

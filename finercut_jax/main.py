@@ -5,6 +5,7 @@ Rerunning the same command on the same run directory resumes an interrupted sear
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,9 +49,8 @@ def run(config) -> str:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from tqdm import tqdm
 
-  from finercut_jax import checkpoint, data, distributed, io, loading, search, sharding
+  from finercut_jax import data, distributed, io, loading, search, sharding
   from finercut_jax.scorer import Scorer
 
   validate(config)
@@ -86,7 +86,9 @@ def run(config) -> str:
   state_path = os.path.join(run_dir, "search_state.json")
   fingerprint = {"model": model_path, "dtype": config.model.dtype,
                  "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-                 "metric": config.search.metric}
+                 "metric": config.search.metric,
+                 "weights": loading.weights_fingerprint(model_path),
+                 "tokenizer": loading.tokenizer_fingerprint(tokenizer)}
   tokens_differ = distributed.broadcast_json(
       primary and os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens))
   if tokens_differ:
@@ -95,18 +97,38 @@ def run(config) -> str:
   search.load_state(state_path, search.search_fingerprint(spec, fingerprint))
   model_cfg, params = loading.load_params(model_path, dtype,
                                           sharding.param_sharding_fn(mesh, model_cfg))
-  if primary:
-    os.makedirs(run_dir, exist_ok=True)
-    io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
-    io.atomic_save_npy(tokens_path, tokens)
-  distributed.barrier("run directory written")
-
+  # The dense reference pass: non-finite outputs stop the job here.
   scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,
                   backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
                   state_every=config.scorer.state_every,
                   state_memory=config.scorer.state_memory_gb * 2**30)
+  # One job per run directory: process 0 holds its lock until the job ends.
+  with io.run_lock(run_dir) if primary else contextlib.nullcontext():
+    _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec,
+                     scorer, params, tokenizer, model_path, model_cfg)
+    del scorer, params
+    if config.eval.enabled:
+      from finercut_jax.evaluation import evaluate_run
+      evaluate_run(run_dir, config.eval, mesh=mesh)
+  if primary:
+    print(f"run directory: {run_dir}")
+  return run_dir
+
+
+def _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec, scorer,
+                     params, tokenizer, model_path, model_cfg) -> None:
+  """Writes the run directory, runs (or resumes) the search, writes its results and checkpoints."""
+  from tqdm import tqdm
+
+  from finercut_jax import checkpoint, distributed, io, search
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(run_dir, exist_ok=True)
+    io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
+    io.atomic_save_npy(tokens_path, tokens)
+  distributed.barrier("run directory written")
 
   bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout,
              disable=not primary)
@@ -122,7 +144,6 @@ def run(config) -> str:
   steps = search.greedy_search(scorer, spec, state_path=state_path, fingerprint=fingerprint,
                                on_step=on_step)
   bar.close()
-  del scorer  # its caches and kept states: the checkpoints and the evaluation need the memory
 
   ranking = {"model": model_path, "num_layers": model_cfg.num_layers, "pool": spec.pool,
              "metric": config.search.metric, "steps": [
@@ -135,7 +156,6 @@ def run(config) -> str:
     if config.checkpoint:  # every process: each saves its own shards
       checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, ratio), model_cfg, params, keep,
                              tokenizer=tokenizer, source=model_path)
-  del params
   if primary:
     io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking)
     io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)
@@ -144,13 +164,6 @@ def run(config) -> str:
         f"{r['kind']}{r['block']}" for r in removed))
     print(f"attention sublayers among them: {sum(r['kind'] == 'attn' for r in removed)}")
   distributed.barrier("search results written")
-
-  if config.eval.enabled:
-    from finercut_jax.evaluation import evaluate_run
-    evaluate_run(run_dir, config.eval, mesh=mesh)
-  if primary:
-    print(f"run directory: {run_dir}")
-  return run_dir
 
 
 def main(argv):

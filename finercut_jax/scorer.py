@@ -66,6 +66,16 @@ class Candidate:
   start: int
   resume: int
 
+  @property
+  def name(self) -> str:
+    """`attn3`, `ffn3` or `block3`."""
+    block, kind = divmod(self.start, 2)
+    return f"block{block}" if self.resume - self.start == 2 else f"{('attn', 'ffn')[kind]}{block}"
+
+
+class NonFiniteError(ValueError):
+  """The model's outputs are NaN or infinite, so no score means anything."""
+
 
 @dataclasses.dataclass
 class StepStats:
@@ -166,6 +176,8 @@ class Scorer:
                                                          (self.positions, ref_width), self.mesh))
     self._reference_fn = jax.jit(self._reference, out_shardings=ref_sharding)
     self.reference = self._build(self._reference_fn, ref_sharding, self.params, self.h0)
+    if not self.abstract:
+      self._check_reference()
     self._prefix_fn = jax.jit(self._prefix_program, out_shardings=rep, donate_argnums=(1,))
     self.prefix = self._build(lambda: jnp.zeros((self.num_sublayers, n, t, cfg.hidden_size),
                                                 self.dtype), rep)
@@ -177,6 +189,20 @@ class Scorer:
     self._prefix_valid = -1  # prefix[j] is current for j <= this
     self._slot_of: dict[Candidate, int] = {}
     self._states_valid = np.full((d * self.slots_per_device, n), -1)  # per slot and sequence
+
+  def _check_reference(self) -> None:
+    """The dense model's outputs must be finite: NaN/inf there would make every score NaN (or,
+    through a mask, 0), and the ordering meaningless."""
+    bad = distributed.gather(jax.jit(lambda r: jnp.sum(~jnp.isfinite(r), axis=-1) > 0)(
+        self.reference))
+    if bad.any():
+      n, t = self.tokens.shape
+      first = int(np.flatnonzero(bad)[0])
+      raise NonFiniteError(
+          f"the dense model's outputs are NaN/inf at {int(bad.sum())} of {n * t} calibration "
+          f"positions (first: sequence {first // t}, position {first % t}): its weights hold NaN/inf, "
+          f"or the computation overflows in {jnp.dtype(self.dtype).name} (then run in float32: "
+          f"--config.model.dtype=float32)")
 
   def _build(self, fn, sharding, *args):
     """`fn(*args)` computed into `sharding`; for an abstract scorer only its shape and sharding."""
@@ -459,9 +485,11 @@ class Scorer:
     stats.seconds = time.perf_counter() - begin
     stats.sequence_fraction /= len(candidates) * n
     if not np.all(np.isfinite(scores)):
-      bad = [candidates[i] for i in np.flatnonzero(~np.isfinite(scores))]
-      raise FloatingPointError(f"non-finite scores for candidates {bad[:4]}: the model produces "
-                               f"NaN/inf (check the checkpoint and the dtype)")
+      bad = [candidates[i].name for i in np.flatnonzero(~np.isfinite(scores))]
+      raise NonFiniteError(
+          f"removing {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} gives non-finite "
+          f"(NaN/inf) scores: the model's outputs overflow without them in "
+          f"{jnp.dtype(self.dtype).name}; run in float32 (--config.model.dtype=float32)")
     return scores, done == n, stats
 
   def _run(self, bound: bool, keep_flat, sequences, best: float, arrays):

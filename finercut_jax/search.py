@@ -12,15 +12,14 @@ front fraction; one-shot (rank every candidate once against the dense model).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
 import numpy as np
 
 from finercut_jax import distributed
-from finercut_jax.io import atomic_write_json
-from finercut_jax.scorer import Candidate, Scorer
+from finercut_jax.io import atomic_write_json, read_json
+from finercut_jax.scorer import Candidate, NonFiniteError, Scorer
 
 POOLS = ("sublayers", "attn", "ffn", "blocks")
 KIND_NAMES = ("attn", "ffn")
@@ -108,17 +107,28 @@ def load_state(path: str | None, fingerprint: dict) -> list[dict]:
   Process 0 reads it and every process gets its copy, so hosts need not share a file system."""
   state = None
   if path is not None and distributed.is_primary() and os.path.exists(path):
-    with open(path) as f:
-      state = json.load(f)
+    state = read_json(path)
   state = distributed.broadcast_json(state)
   if state is None:
     return []
   if state.get("fingerprint") != fingerprint:
     raise SearchStateError(
-        f"{path} holds a different search (model, dtype, calibration tokens, metric, pool, "
-        f"protect_front or one_shot differ); "
+        f"{path} holds a different search ({_differences(state.get('fingerprint') or {}, fingerprint)} "
+        f"differ); "
         f"use a new run directory or delete it to start over")
   return state["steps"]
+
+
+def _differences(stored: dict, current: dict) -> str:
+  """Which fingerprint entries differ, by name (`spec` entries by their own names)."""
+  names = []
+  for key in sorted(set(stored) | set(current)):
+    a, b = stored.get(key), current.get(key)
+    if key == "spec" and isinstance(a, dict) and isinstance(b, dict):
+      names += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      names.append({"tokens_sha256": "calibration tokens"}.get(key, key))
+  return ", ".join(names) or "its format"
 
 
 def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = None,
@@ -156,7 +166,10 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
     # Protection never leaves the search without candidates: it lifts when the rest are gone.
     candidates = [c for c in remaining if c.start >= 2 * front] or remaining
     keep = keep_mask(spec.num_layers, [r["sublayers"] for r in steps])
-    scores, complete, stats = scorer.score_step(keep, candidates, bound=True)
+    try:
+      scores, complete, stats = scorer.score_step(keep, candidates, bound=True)
+    except NonFiniteError as e:
+      raise NonFiniteError(f"step {len(steps)}: {e}") from None
     # Only complete scores compete: an incomplete one provably exceeds the best complete one.
     # Candidates are in sublayer order, so argmin breaks ties toward the lowest id.
     best = int(np.argmin(np.where(complete, scores, np.inf)))

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import finercut_ref as R
 from finercut_jax import checkpoint
 from test_main import job_assets, job_config  # noqa: F401  (the tiny checkpoint fixture)
 

@@ -497,7 +497,8 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   (run / "config.json").write_text(json.dumps({
       "model": {"path": str(src), "dtype": "float32"},
       "data": {"source": "packaged", "num_sequences": 2, "seq_len": 32},
-      "search": {"metric": "js", "pool": "sublayers"}}))
+      "search": {"metric": "js", "pool": "sublayers"},
+      "checkpoint": False}))  # a run without checkpoints: ratio 0.5 is pruned from the mask
   (run / "masks.json").write_text(json.dumps(masks))
   (run / "ranking.json").write_text(json.dumps(_synthetic_ranking(L, order)))
   from finercut_jax.data import token_stream
@@ -542,6 +543,12 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   for name in ("layer_map.png", "score_per_step.png", "metrics_vs_ratio.png"):
     assert (run / name).is_file() and f"]({name})" in report
   assert "| dense |" in report and "PIQA" in report and "Decode tok/s" in report
+  # A run that writes checkpoints never evaluates a missing one from the mask without a word.
+  config = json.loads((run / "config.json").read_text())
+  (run / "config.json").write_text(json.dumps(dict(config, checkpoint=True)))
+  c.limit = 3  # new settings: the 0.5 model must be loaded again
+  with pytest.raises(FileNotFoundError, match="ratio_0.5.*missing or incomplete"):
+    evaluate_run(str(run), c.to_dict(), log=lambda *_: None)
   # Held-out text is refused when the run's calibration tokens are not where it assumes them.
   with pytest.raises(perplexity.HeldOutError, match="calibration tokens"):
     perplexity.heldout_tokens(tokenizer, "packaged", 64, 96, calibration=stream[1:65])

@@ -109,10 +109,8 @@ def run_eval_config(run_dir: str, overrides: dict | None = None) -> ml_collectio
 
 
 def _read_json(path, default=None):
-  if not os.path.isfile(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
+  from finercut_jax.io import read_json
+  return read_json(path, default)
 
 
 def heldout_for_run(run_config: dict, tokenizer, eval_config, run_dir: str | None = None
@@ -134,29 +132,72 @@ def heldout_for_run(run_config: dict, tokenizer, eval_config, run_dir: str | Non
                   "seq_len": int(eval_config.perplexity.seq_len or t)}
 
 
+def _task_limits(eval_config) -> dict:
+  limit = int(eval_config.limit) or None
+  limits = {t: limit for t in _csv(eval_config.tasks)}
+  if "mmlu" in limits and eval_config.get("mmlu_limit") is not None:
+    limits["mmlu"] = int(eval_config.mmlu_limit) or None
+  return limits
+
+
+def _settings(eval_config) -> dict:
+  """What each stored result was computed with; a result is reused only under the same settings.
+  Per task: its document limit and the harness's max_length; perplexity: its text and windows;
+  throughput: its shapes and repeats."""
+  p, tp = eval_config.perplexity, eval_config.throughput
+  return {
+      "tasks": {t: {"limit": limit, "max_length": int(eval_config.scoring.max_length)}
+                for t, limit in _task_limits(eval_config).items()},
+      "perplexity": {"source": p.source, "num_tokens": int(p.num_tokens),
+                     "seq_len": int(p.seq_len)} if p.enabled else None,
+      "throughput": {"batch_size": int(tp.batch_size), "prompt_len": int(tp.prompt_len),
+                     "decode_steps": int(tp.decode_steps), "repeats": int(tp.repeats)}
+      if tp.enabled else None}
+
+
+def _pending(previous: dict | None, settings: dict) -> dict:
+  """What of one model's evaluation is not in `previous` under these settings."""
+  previous = previous or {}
+  stored = previous.get("benchmarks", {})
+  return {
+      "tasks": [t for t, s in settings["tasks"].items() if stored.get(t, {}).get("settings") != s],
+      "perplexity": settings["perplexity"] is not None and (
+          previous.get("perplexity", {}).get("settings") != settings["perplexity"]),
+      "throughput": settings["throughput"] is not None and (
+          previous.get("throughput", {}).get("settings") != settings["throughput"])}
+
+
 def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, scoring=None,
-                   log=print) -> dict:
-  """Perplexity and benchmarks of one model, as a JSON-ready dict (throughput is measured for
-  all models together, interleaved: `throughput.compare`)."""
-  out: dict = {"name": model.name, "num_removed": model.num_removed,
-               "num_attn": model.num_attn, "num_ffn": model.num_ffn,
-               "keep": model.keep.tolist()}
+                   log=print, previous: dict | None = None) -> dict:
+  """Perplexity and benchmarks of one model, as a JSON-ready dict. What `previous` (this model's
+  earlier entry) holds under the same settings is reused, and what it holds for other tasks or
+  settings is kept: results are merged, never discarded. Throughput: `throughput.measure`."""
+  settings = _settings(eval_config)
+  todo = _pending(previous, settings)
+  out: dict = {k: v for k, v in (previous or {}).items() if k not in ("seconds",)}
+  out.update({"name": model.name, "num_removed": model.num_removed,
+              "num_attn": model.num_attn, "num_ffn": model.num_ffn,
+              "keep": model.keep.tolist()})
   start = time.perf_counter()
-  if eval_config.perplexity.enabled and heldout is not None:
+  if todo["perplexity"] and heldout is not None:
     tokens, info = heldout
     out["perplexity"] = {**perplexity.perplexity(model, tokens, info["seq_len"],
-                                                 eval_config.perplexity.batch_size), **info}
+                                                 eval_config.perplexity.batch_size), **info,
+                         "settings": settings["perplexity"]}
     log(f"  {model.name}: held-out perplexity {out['perplexity']['perplexity']:.3f}")
-  tasks = _csv(eval_config.tasks)
+  tasks = list(settings["tasks"])
+  merged = dict(out.get("benchmarks", {}))
+  if todo["tasks"]:
+    results = benchmarks.evaluate_tasks(model, tokenizer, todo["tasks"], _task_limits(eval_config),
+                                        scoring=scoring, log=log)
+    merged.update({t: {**r.summary(), "settings": settings["tasks"][t]} for t, r in results.items()})
+  if merged:
+    out["benchmarks"] = merged
   if tasks:
-    limit = int(eval_config.limit) or None
-    limits = {t: limit for t in tasks}
-    if "mmlu" in limits and eval_config.get("mmlu_limit") is not None:
-      limits["mmlu"] = int(eval_config.mmlu_limit) or None
-    results = benchmarks.evaluate_tasks(model, tokenizer, tasks, limits, scoring=scoring, log=log)
-    out["benchmarks"] = {t: r.summary() for t, r in results.items()}
-    out["average"] = benchmarks.average(results)
-    out["limits"] = limits
+    # The average is over the tasks asked for now; results of other tasks stay stored beside it.
+    out["average"] = benchmarks.average({t: merged[t] for t in tasks})
+    out["average_tasks"] = tasks
+    out["limits"] = _task_limits(eval_config)
   out["seconds"] = time.perf_counter() - start
   return out
 
@@ -175,7 +216,11 @@ def _load_model(run_dir, run_config, key, masks, mesh, dense_params):
   name, keep = f"ratio {float(key):g}", np.asarray(masks[key], bool)
   try:
     pruned_model, tokenizer = checkpoint.load_pruned(run_dir, float(key), mesh=mesh)
-  except FileNotFoundError:
+  except FileNotFoundError as e:
+    if run_config.get("checkpoint", True):
+      raise FileNotFoundError(f"{e}; the run writes pruned checkpoints, so this one is missing "
+                              f"or incomplete (an interrupted save?): rerun python -m "
+                              f"finercut_jax.main with this run's config to write it") from None
     if dense_params is None:
       dense_params = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
     return (EvalModel.from_dense(dense_params.config, dense_params.params(), keep, name=name,
@@ -195,32 +240,37 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
   from finercut_jax.io import atomic_write_json
   tp = eval_config.throughput
   heldout, tokenizer, prompt, dense_params = None, None, None, None
+  settings = _settings(eval_config)
   for key in ["dense"] + ratios:
-    entry = done.get(key)
-    if entry is not None and (not tp.enabled or "throughput" in entry):
-      log(f"  {entry['name']}: reusing the results in {path}")
-      record(key, entry)
+    previous = done.get(key)
+    todo = _pending(previous, settings)
+    if previous is not None and not (todo["tasks"] or todo["perplexity"] or todo["throughput"]):
+      log(f"  {previous['name']}: reusing the results in {path}")
+      record(key, previous)
       continue
     model, model_tokenizer, source, dense_params = _load_model(
         run_dir, run_config, key, masks, mesh, dense_params)
+    if source == "mask":
+      log(f"  {model.name}: no pruned checkpoint (config.checkpoint=False): the dense weights "
+          f"pruned by the mask")
     tokenizer = tokenizer or model_tokenizer
     if tokenizer is None:
       from finercut_jax.loading import load_tokenizer
       tokenizer = load_tokenizer(run_config["model"]["path"])
-    if entry is None:
-      if heldout is None and eval_config.perplexity.enabled:
-        heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
-      entry = {"ratio": 0.0 if key == "dense" else float(key), "source": source,
-               **evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
-                                log=log)}
-    if tp.enabled:
+    if heldout is None and todo["perplexity"]:
+      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
+    entry = {"ratio": 0.0 if key == "dense" else float(key), "source": source,
+             **evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
+                              log=log, previous=previous)}
+    if todo["throughput"]:
       if prompt is None:  # the same prompts for every model
         prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size,
                                                    (tp.batch_size, tp.prompt_len))
-      entry["throughput"] = throughput.measure(model, batch_size=tp.batch_size,
-                                               prompt_len=tp.prompt_len,
-                                               decode_steps=tp.decode_steps, repeats=tp.repeats,
-                                               tokens=prompt)
+      entry["throughput"] = {**throughput.measure(model, batch_size=tp.batch_size,
+                                                  prompt_len=tp.prompt_len,
+                                                  decode_steps=tp.decode_steps,
+                                                  repeats=tp.repeats, tokens=prompt),
+                             "settings": settings["throughput"]}
       log(f"  {entry['name']}: prefill {entry['throughput']['prefill_tokens_per_s']:.1f} tok/s, "
           f"decode {entry['throughput']['decode_tokens_per_s']:.1f} tok/s")
     record(key, entry)
@@ -252,21 +302,31 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   run_config = read("config.json")
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
-  masks = read("masks.json", {})
+  masks = read("masks.json")
+  if not masks:
+    raise FileNotFoundError(f"{run_dir}/masks.json is missing: the search has not finished; "
+                            f"rerun python -m finercut_jax.main with this run's config")
   ranking = read("ranking.json")
   previous = read("eval_results.json", {})
   wanted = _csv(eval_config.ratios)
+  unknown = [w for w in wanted if not any(float(r) == float(w) for r in masks)]
+  if unknown:
+    raise ValueError(f"eval.ratios {', '.join(unknown)} not in {run_dir}/masks.json (it has "
+                     f"{', '.join(sorted(masks, key=float))}); add them to search.mask_ratios "
+                     f"and rerun the search, which resumes without rescoring")
   ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
                   key=float)
   scoring = scoring_config(eval_config.scoring)
   path = os.path.join(run_dir, "eval_results.json")
   settings = json.loads(eval_config.to_json())
-  reusable = previous.get("models", {}) if previous.get("eval_config") == settings else {}
+  # Results of earlier evaluations stay, whatever their settings: each stored result carries its
+  # own settings and is reused only under the same ones (`_pending`).
+  reusable = previous.get("models", {})
 
   log(f"evaluating {run_dir}: dense + ratios {ratios}")
   results = {"run_dir": os.path.abspath(run_dir),
              "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
-             "eval_config": settings, "models": {}}
+             "eval_config": settings, "models": dict(reusable)}
 
   def record(key, entry):
     results["models"][key] = entry
@@ -274,8 +334,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
       atomic_write_json(path, results)
 
   keeps = {r: np.asarray(masks[r], bool) for r in ratios}
-  if masks:
-    keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
+  keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
   done = {k: reusable[k] for k, keep in keeps.items()
           if k in reusable and reusable[k].get("keep") == keep.tolist()}
   _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
