@@ -48,6 +48,9 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
   keep = np.asarray(keep, bool)
   meta = {"config": cfg.to_dict(), "keep": keep.tolist(),
           "dtype": jnp.dtype(params["embed"].dtype).name, "source": source}
+  directory = os.path.abspath(directory)
+  if distributed.is_primary():
+    _remove_leftovers(directory)
   # Process 0 decides for everyone: the hosts need not share what they can read.
   if distributed.broadcast_json(distributed.is_primary() and _read_meta(directory) == meta):
     return directory
@@ -56,7 +59,6 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
   for group in ("attn", "ffn"):
     if next(iter(pruned[group].values())).shape[0]:
       stored[group] = pruned[group]
-  directory = os.path.abspath(directory)
   if distributed.is_primary():
     os.makedirs(directory, exist_ok=True)
     for stale in ("model.json", "tokenizer"):  # the directory is incomplete from here on
@@ -75,6 +77,16 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
     atomic_write_json(os.path.join(directory, "model.json"), meta)
   distributed.barrier(f"checkpoint {directory} written")
   return directory
+
+
+def _remove_leftovers(directory: str) -> None:
+  """What interrupted saves left: Orbax's temporary directories beside `params`, and the
+  temporary directories of this project's earlier checkpoint format beside `directory`."""
+  import glob
+  parent = os.path.dirname(directory)
+  for path in (glob.glob(os.path.join(directory, "params.orbax-checkpoint-tmp*")) +
+               glob.glob(os.path.join(parent, ".tmp-" + os.path.basename(directory) + "*"))):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:

@@ -95,6 +95,11 @@ class LlamaConfig:
     elif rope_type != "default":
       refuse("rope_type", rope_type, "only 'default' and 'llama3' RoPE are implemented")
 
+    missing = [f for f in ("num_attention_heads", "hidden_size", "vocab_size", "intermediate_size",
+                           "num_hidden_layers") if hf.get(f) is None]
+    if missing:
+      raise UnsupportedConfigError(f"{source}: required field(s) {', '.join(missing)} missing "
+                                   f"(a Llama config.json has them all)")
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     return cls(

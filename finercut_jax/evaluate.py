@@ -9,25 +9,37 @@ launcher or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from finercut_jax import cli
+
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run, run_eval_config
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
-_EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
-                                        "Overrides of the run's evaluation settings.")
+try:  # ml_collections applies the command line's --eval.* overrides here, at definition
+  _EVAL = config_flags.DEFINE_config_dict("eval", default_eval_config(),
+                                          "Overrides of the run's evaluation settings.")
+except (AttributeError, KeyError) as e:
+  cli.unknown_setting(e, sys.argv)
 
 
 def run(run_dir: str, overrides: dict | None = None) -> dict:
-  from finercut_jax import distributed, sharding
+  import os
+
+  from finercut_jax import distributed, io, sharding
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"{run_dir}: no such run directory")
   distributed.initialize()
   config = run_eval_config(run_dir, overrides)
   mesh_model = distributed.broadcast_json(
       _scorer_setting(run_dir, "mesh_model", 1) if distributed.is_primary() else None)
-  return evaluate_run(run_dir, config, mesh=sharding.make_mesh(model=mesh_model))
+  mesh = sharding.make_mesh(model=mesh_model)
+  with io.run_lock(run_dir) if distributed.is_primary() else contextlib.nullcontext():
+    return evaluate_run(run_dir, config, mesh=mesh)
 
 
 def _scorer_setting(run_dir, key, default):
@@ -42,13 +54,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   overrides = config_flags.get_override_values(flags.FLAGS["eval"])
-  try:
+  with cli.expected_errors():
     run(_RUN_DIR.value, overrides)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("run_dir")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

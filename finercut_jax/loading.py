@@ -107,7 +107,13 @@ class _SafetensorsIndex:
       if not os.path.isfile(fpath):
         raise CheckpointError(f"{fpath}: listed in the index but missing")
       # framework="flax" because numpy cannot hold bfloat16 slices; reads stay on the host CPU.
-      self._files[fname] = self._stack.enter_context(safetensors.safe_open(fpath, framework="flax"))
+      try:
+        self._files[fname] = self._stack.enter_context(
+            safetensors.safe_open(fpath, framework="flax"))
+      except Exception as e:  # safetensors' own error types: a damaged or truncated file
+        self._stack.close()
+        raise CheckpointError(f"{fpath}: not a readable safetensors file ({e}); is it "
+                              f"truncated or damaged?") from None
     if weight_map is None:
       weight_map = {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
     self.weight_map = weight_map
@@ -200,6 +206,17 @@ def _make_array(st, shape, dtype, sharding, read):
 # ----------------------------------------------------------------------------- GGUF
 
 
+def _gguf_reader(path: str):
+  import gguf
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such GGUF file")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # the reader's numpy/struct errors on a damaged or truncated file
+    raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); is it "
+                          f"truncated or damaged?") from None
+
+
 def _reader_path(reader) -> str:
   """The file a GGUFReader reads (it keeps no path of its own, only its memmap's filename)."""
   return str(getattr(reader.data, "filename", None) or "GGUF file")
@@ -260,7 +277,7 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
   import gguf
-  reader = gguf.GGUFReader(path)
+  reader = _gguf_reader(path)
   cfg = gguf_config(reader)
   tensors = {t.name: t for t in reader.tensors}
 
@@ -315,8 +332,7 @@ def _put(path, name, w, shape, dtype, sharding):
 def load_config(path: str) -> LlamaConfig:
   path = resolve_path(path)
   if path.endswith(".gguf"):
-    import gguf
-    return gguf_config(gguf.GGUFReader(path))
+    return gguf_config(_gguf_reader(path))
   return LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
 
 
@@ -431,11 +447,10 @@ def _convert_gguf_tokenizer(path: str):
   """What `AutoTokenizer.from_pretrained(dir, gguf_file=...)` gives for a llama GGUF, built here
   because transformers' GGUF metadata reader imports torch. Mirrors transformers'
   `get_gguf_tokenizer`, then hands the metadata to its torch-free `convert_gguf_tokenizer`."""
-  import gguf
   from transformers import TokenizersBackend
   from transformers.integrations.gguf.gguf_tokenizer_mapping import (
       _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
-  reader = gguf.GGUFReader(path)
+  reader = _gguf_reader(path)
   architecture = _gguf_field(reader, "general.architecture")
   grouped = {group: {name: _gguf_field(reader, "tokenizer." + key) for key, name in renames.items()
                      if "tokenizer." + key in reader.fields}

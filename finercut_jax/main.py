@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from finercut_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.")
 
 
@@ -23,6 +25,8 @@ class ConfigError(ValueError):
 
 def validate(config) -> None:
   """Checks everything that can be checked before any file is written."""
+  import jax.numpy as jnp
+
   from finercut_jax import divergence, search
   from finercut_jax.scorer import BACKENDS
   if not config.run_dir:
@@ -36,8 +40,27 @@ def validate(config) -> None:
   if not config.search.full_ordering and max(config.search.mask_ratios, default=0) > config.search.ratio:
     raise ConfigError(f"search.mask_ratios {tuple(config.search.mask_ratios)} go beyond "
                       f"search.ratio={config.search.ratio}; raise the ratio or set full_ordering")
+  try:
+    dtype = jnp.dtype(config.model.dtype)
+  except TypeError:
+    dtype = None
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ConfigError(f"unknown model.dtype {config.model.dtype!r}; choose float32 (CPU), "
+                      f"bfloat16 (GPU/TPU) or float16")
+  run_dir = os.path.abspath(config.run_dir)
+  existing = next((p for p in (run_dir, *_parents(run_dir)) if os.path.exists(p)), None)
+  if existing is not None and not os.path.isdir(existing):
+    raise ConfigError(f"run_dir {config.run_dir}: {existing} is a file, not a directory")
+  if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"run_dir {config.run_dir}: {existing} is not writable")
   if config.scorer.backend not in BACKENDS:
     raise ConfigError(f"unknown scorer.backend {config.scorer.backend!r}; choose one of {BACKENDS}")
+
+
+def _parents(path: str):
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    yield path
 
 
 def run(config) -> str:
@@ -67,6 +90,9 @@ def run(config) -> str:
   dtype = jnp.dtype(config.model.dtype)
   model_path = loading.resolve_path(config.model.path)
   model_cfg = loading.load_config(model_path)  # a missing or unsupported checkpoint fails here
+  if config.data.seq_len > model_cfg.max_position_embeddings:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} is beyond the model's "
+                      f"max_position_embeddings={model_cfg.max_position_embeddings}")
   spec = search.SearchSpec(
       num_layers=model_cfg.num_layers, pool=config.search.pool,
       num_steps=None if config.search.full_ordering else search.steps_needed(
@@ -170,14 +196,10 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  try:
+  with cli.expected_errors():
     run(_CONFIG.value)
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

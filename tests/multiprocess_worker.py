@@ -4,8 +4,8 @@
 
 SPEC: `config` (flattened overrides of the base config), `devices` (CPU devices of this process),
 `num_processes`, `process_id`, `port` (the coordinator on localhost), and optionally
-`kill_at_step` (this process SIGKILLs itself once that greedy step is recorded) and `evaluate`
-(run `finercut_jax.evaluate` on the run directory instead of the search).
+`kill_at_step` (this process SIGKILLs itself once that greedy step is recorded) or `kill_at`
+(a point of the job, below, where it SIGKILLs itself: the faults of test_reliability.py).
 """
 import json
 import os
@@ -23,6 +23,46 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from finercut_jax import main, search  # noqa: E402
 from finercut_jax.defaults import base_config  # noqa: E402
+
+
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(point):
+  """SIGKILL at `point`: mid_step (inside the second device program of the search), before_save
+  (the old checkpoint metadata removed, Orbax not yet started), mid_save (Orbax writing),
+  before_metadata (parameters committed, model.json not yet written), mid_evaluation (the
+  second model's benchmarks)."""
+  import orbax.checkpoint as ocp
+
+  from finercut_jax import checkpoint, scorer
+  from finercut_jax.evaluation import benchmarks
+  calls = {"n": 0}
+
+  def nth(n, original):
+    def wrapped(*args, **kwargs):
+      calls["n"] += 1
+      if calls["n"] == n:
+        die()
+      return original(*args, **kwargs)
+    return wrapped
+
+  if point == "mid_step":
+    scorer.Scorer._run = nth(2, scorer.Scorer._run)
+  elif point == "before_save":
+    ocp.StandardCheckpointer.save = nth(1, ocp.StandardCheckpointer.save)
+  elif point == "mid_save":
+    ocp.StandardCheckpointer.wait_until_finished = nth(
+        1, ocp.StandardCheckpointer.wait_until_finished)
+  elif point == "before_metadata":
+    original = checkpoint.atomic_write_json
+    checkpoint.atomic_write_json = lambda path, obj: (
+        die() if path.endswith("model.json") else original(path, obj))
+  elif point == "mid_evaluation":
+    benchmarks.evaluate_tasks = nth(2, benchmarks.evaluate_tasks)
+  else:
+    raise ValueError(f"unknown kill point {point}")
 
 
 def run():
@@ -44,6 +84,8 @@ def run():
       return original(*args, on_step=step, **kwargs)
 
     search.greedy_search = greedy_search
+  if spec.get("kill_at"):
+    _arm(spec["kill_at"])
   try:
     main.run(config)
   except (ValueError, FileNotFoundError) as e:  # as the CLI does

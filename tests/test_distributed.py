@@ -47,8 +47,10 @@ def overrides(config) -> dict:
   return flat
 
 
-def start(config, num_processes, *, per_process=None, kill=None):
-  """Starts the job as `num_processes` processes; `per_process[i]` overrides process i's config."""
+def start(config, num_processes, *, per_process=None, kill=None, kill_at=None):
+  """Starts the job as `num_processes` processes; `per_process[i]` overrides process i's config;
+  `kill=(i, step)` SIGKILLs process i after that greedy step, `kill_at=(i, point)` at a point of
+  the job (multiprocess_worker.py lists them)."""
   port = free_port()
   procs = []
   for i in range(num_processes):
@@ -57,6 +59,8 @@ def start(config, num_processes, *, per_process=None, kill=None):
             "process_id": i, "port": port}
     if kill is not None and kill[0] == i:
       spec["kill_at_step"] = kill[1]
+    if kill_at is not None and kill_at[0] == i:
+      spec["kill_at"] = kill_at[1]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs.append(subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
