@@ -314,9 +314,9 @@ class Scorer:
 
       def one_sequence(carry):
         g, acc, states = carry
-        h = prefix[start, g]
+        h = _take_rows(prefix, start, g)
         if reuse:
-          h = jnp.where(rows(from_state[:, g]), states[slot, state_index[:, g], g], h)
+          h = jnp.where(rows(from_state[:, g]), _take_rows(states, slot, state_index[:, g], g), h)
         h, states = suffix(h, states, slot, resume[:, g], g)
         return g + 1, acc + sequence_terms(h, g), states
 
@@ -548,3 +548,15 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     if n % d == 0:
       return d
   return 1
+
+
+def _take_rows(x, *index):
+  """`x[index[0][i], index[1][i], ...]` for each i, as dynamic slices: each index a `[W]` vector or
+  a scalar (shared). Not a gather: XLA:TPU splits a gather's operand into copies."""
+  width = max(jnp.shape(i)[0] for i in index if jnp.ndim(i))
+  k = len(index)
+  out = []
+  for w in range(width):
+    start = tuple(i[w] if jnp.ndim(i) else i for i in index) + (0,) * (x.ndim - k)
+    out.append(jax.lax.dynamic_slice(x, start, (1,) * k + x.shape[k:]).reshape(x.shape[k:]))
+  return jnp.stack(out)
