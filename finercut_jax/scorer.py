@@ -155,6 +155,8 @@ class Scorer:
     fit = int(state_memory // (one_state * self.slots_per_device))
     self.num_states = min(math.ceil(self.num_sublayers / state_every), fit)
     self.state_every = math.ceil(self.num_sublayers / self.num_states) if self.num_states else 1
+    if self.num_states:  # only the levels that spacing uses (e.g. 23, not 25, every 7 of 160)
+      self.num_states = math.ceil(self.num_sublayers / self.state_every)
     state_shape = (d, self.slots_per_device, self.num_states, n, t, cfg.hidden_size)
     if self.num_states:
       logging.info("scorer keeps candidate states every %d sublayers: %.2f GB per device",
