@@ -44,23 +44,28 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
                  f"({len(attn)} attn, {len(ffn)} ffn) | {attn or '–'} | {ffn or '–'} |")
   lines.append("")
 
+  # The tasks of the latest evaluation (those its average is over); results of other tasks or
+  # earlier settings stay in eval_results.json.
+  def current(m):
+    tasks = m.get("average_tasks") or list(m["benchmarks"])
+    return {t: m["benchmarks"][t] for t in tasks if t in m["benchmarks"]}
+
   bench_rows = [{"name": m["name"], "removed": f"{m['num_removed']}/{2 * L}",
-                 "results": m["benchmarks"]} for m in ordered if m.get("benchmarks")]
+                 "results": current(m)} for m in ordered if m.get("benchmarks")]
   if bench_rows:
     limits = ordered[0].get("limits", {})
     lim = sorted({v for v in limits.values()}, key=lambda v: (v is None, v or 0))
     lines += ["## Benchmarks", "",
               "Percent; metric per task as in the paper (acc_norm for ARC, HellaSwag, PIQA, "
               "OpenBookQA; acc otherwise), lm-eval-harness scoring. Documents per task: "
-              + ", ".join(f"{DISPLAY[t]} {ordered[0]['benchmarks'][t]['num_docs']}"
-                          for t in ordered[0]["benchmarks"])
+              + ", ".join(f"{DISPLAY[t]} {b['num_docs']}" for t, b in current(ordered[0]).items())
               + (f" (limit {', '.join(str(v) for v in lim)}"
                  + ("; MMLU's is per subject" if "mmlu" in limits else "") + ")"
                  if any(v is not None for v in lim) else "") + ".", "",
               results_table(bench_rows), ""]
     extra = []
     for m in ordered:
-      lam = m["benchmarks"].get("lambada")
+      lam = current(m).get("lambada")
       if lam:
         extra.append(f"{m['name']}: {lam['perplexity']:.2f}")
     if extra:
