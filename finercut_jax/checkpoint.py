@@ -14,6 +14,7 @@ A save whose checkpoint already exists with the same contents is skipped.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -46,20 +47,23 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
   """Writes the pruned model of `keep` (dense params in, removed weights dropped) to `directory`.
   Every process of a multi-process job calls it."""
   keep = np.asarray(keep, bool)
-  meta = {"config": cfg.to_dict(), "keep": keep.tolist(),
-          "dtype": jnp.dtype(params["embed"].dtype).name, "source": source}
+  # As model.json will hold it (tuples become lists), so that it compares equal when unchanged.
+  meta = json.loads(json.dumps({"config": cfg.to_dict(), "keep": keep.tolist(),
+                                "dtype": jnp.dtype(params["embed"].dtype).name, "source": source}))
   directory = os.path.abspath(directory)
-  if distributed.is_primary():
+
+  def unchanged() -> bool:
     _remove_leftovers(directory)
-  # Process 0 decides for everyone: the hosts need not share what they can read.
-  if distributed.broadcast_json(distributed.is_primary() and _read_meta(directory) == meta):
+    return _read_meta(directory) == meta
+  # Process 0 decides for everyone, so that all make the same Orbax calls.
+  if distributed.on_primary(unchanged):
     return directory
   pruned = prune_params(params, keep)
   stored = {k: v for k, v in pruned.items() if k not in ("attn", "ffn")}
   for group in ("attn", "ffn"):
     if next(iter(pruned[group].values())).shape[0]:
       stored[group] = pruned[group]
-  if distributed.is_primary():
+  def open_directory():
     os.makedirs(directory, exist_ok=True)
     for stale in ("model.json", "tokenizer"):  # the directory is incomplete from here on
       path = os.path.join(directory, stale)
@@ -67,15 +71,16 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
         shutil.rmtree(path)
       elif os.path.exists(path):
         os.unlink(path)
-  distributed.barrier(f"checkpoint {directory} opened")
+  distributed.on_primary(open_directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), stored, force=True)
   checkpointer.wait_until_finished()
-  if distributed.is_primary():
+
+  def close_directory():
     if tokenizer is not None:
       tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     atomic_write_json(os.path.join(directory, "model.json"), meta)
-  distributed.barrier(f"checkpoint {directory} written")
+  distributed.on_primary(close_directory)
   return directory
 
 

@@ -24,18 +24,28 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}; see --helpfull")
+    fail(f"{' '.join(str(e).split())}; see --helpfull")
   except (AttributeError, KeyError) as e:
     unknown_setting(e, argv)
+  except OSError as e:  # a config file that does not exist or cannot be read
+    fail(" ".join(str(e).split()))
   return []  # unreachable
 
 
 def unknown_setting(error: Exception, argv: list[str]) -> None:
-  """Exits with the override naming a config field that does not exist."""
-  key = str(error).strip("\"'")
-  name = next((a.split("=")[0] for a in argv[1:] if key in a), key)
-  fail(f"unknown setting {name}: the fields and their defaults are in finercut_jax/defaults.py "
-       f"(evaluation: finercut_jax/evaluation/run.py)")
+  """Exits naming the override of a config field that does not exist, with ml_collections'
+  suggestion (`Did you mean ...`) when it has one."""
+  message = str(error.args[0] if error.args else error)
+  message = message.replace("\\n", "\n").replace("\\'", "'")  # a KeyError's repr, unescaped
+  key, _, rest = message.partition("\n")
+  key = key.strip().strip("\"'")
+  overrides = [a.split("=")[0] for a in argv[1:] if a.startswith(("--config.", "--eval."))]
+  name = next((o for o in overrides if key in o.split(".")[1:]
+               or o.split(".", 1)[1] in message), None)
+  hint = rest.strip().strip("\"'")
+  fail(f"unknown setting {name or key}{' (in the config file)' if name is None else ''}"
+       f"{': ' + hint if hint else ''}; the fields and their defaults are in "
+       f"finercut_jax/defaults.py (evaluation: finercut_jax/evaluation/run.py)")
 
 
 @contextlib.contextmanager

@@ -49,8 +49,9 @@ class Settings:
 
 def _cluster_processes() -> str | None:
   """Which launcher started this process as one of several, if any."""
-  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get(
-      "SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+  # A task of an `srun` job step (JAX's own detection needs these), not a shell in an allocation.
+  if all(os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NODELIST")) and \
+      int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1:
     return "SLURM"
   if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     return "Open MPI"
@@ -129,6 +130,29 @@ def check_same(what: str, data: bytes) -> None:
         f"{bytes(digests[differ[0]]).hex()[:12]} vs {bytes(digests[0]).hex()[:12]}): every "
         f"process must read the same inputs; check that each host sees the same files and "
         f"versions")
+
+
+def on_primary(fn):
+  """`fn()` run by process 0 alone, its JSON-serialisable result returned on every process. If it
+  raises, every process raises (process 0 its own exception, the others the same message), so no
+  process is left waiting at the next collective for one that failed."""
+  if jax.process_count() == 1:
+    return fn()
+  outcome, error = None, None
+  if is_primary():
+    try:
+      outcome = {"value": fn()}
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+      error = e
+      kind = "os" if isinstance(e, OSError) else "value" if isinstance(e, ValueError) else "bug"
+      outcome = {"error": [kind, f"{e} (on process 0)"]}
+  outcome = broadcast_json(outcome)
+  if error is not None:
+    raise error
+  if "error" in outcome:
+    kind, message = outcome["error"]
+    raise {"os": OSError, "value": ValueError}.get(kind, RuntimeError)(message)
+  return outcome["value"]
 
 
 def broadcast_json(obj):

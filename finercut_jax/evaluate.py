@@ -28,6 +28,8 @@ except (AttributeError, KeyError) as e:
 
 
 def run(run_dir: str, overrides: dict | None = None) -> dict:
+  """Evaluates `run_dir` (every process of a multi-process job calls this; the run directory is
+  on a file system they all see, as the job's Orbax checkpoints need)."""
   import os
 
   from finercut_jax import distributed, io, sharding
@@ -35,17 +37,13 @@ def run(run_dir: str, overrides: dict | None = None) -> dict:
     raise FileNotFoundError(f"{run_dir}: no such run directory")
   distributed.initialize()
   config = run_eval_config(run_dir, overrides)
-  mesh_model = distributed.broadcast_json(
-      _scorer_setting(run_dir, "mesh_model", 1) if distributed.is_primary() else None)
+  mesh_model = io.read_json(os.path.join(run_dir, "config.json"), {}).get(
+      "scorer", {}).get("mesh_model", 1)
   mesh = sharding.make_mesh(model=mesh_model)
-  with io.run_lock(run_dir) if distributed.is_primary() else contextlib.nullcontext():
+  lock = contextlib.ExitStack()  # process 0 holds the run directory's lock
+  distributed.on_primary(lambda: lock.enter_context(io.run_lock(run_dir)) and None)
+  with lock:
     return evaluate_run(run_dir, config, mesh=mesh)
-
-
-def _scorer_setting(run_dir, key, default):
-  import os
-  from finercut_jax.io import read_json
-  return read_json(os.path.join(run_dir, "config.json"), {}).get("scorer", {}).get(key, default)
 
 
 def main(argv):

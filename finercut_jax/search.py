@@ -12,10 +12,10 @@ front fraction; one-shot (rank every candidate once against the dense model).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import numpy as np
+from absl import logging
 
 from finercut_jax import distributed
 from finercut_jax.io import atomic_write_json, read_json
@@ -104,16 +104,20 @@ def search_fingerprint(spec: SearchSpec, fingerprint: dict | None = None) -> dic
 
 def load_state(path: str | None, fingerprint: dict) -> list[dict]:
   """The recorded steps of a state file (none if absent); an error if it holds another search.
-  Process 0 reads it and every process gets its copy, so hosts need not share a file system."""
-  state = None
-  if path is not None and distributed.is_primary() and os.path.exists(path):
-    state = read_json(path)
-  state = distributed.broadcast_json(state)
+  Process 0 reads it and every process gets its copy, so all make the same decision."""
+  state = distributed.on_primary(lambda: read_json(path) if path is not None else None)
   if state is None:
     return []
-  if state.get("fingerprint") != fingerprint:
+  stored = state.get("fingerprint") or {}
+  # A state written before weights and tokenizer were fingerprinted: resumable on the rest.
+  legacy = [k for k in ("weights", "tokenizer") if k not in stored and k in fingerprint]
+  if legacy:
+    logging.warning("%s has no %s fingerprint (an older version wrote it): resuming on the "
+                    "model path, dtype, tokens and settings alone", path, " or ".join(legacy))
+    fingerprint = {k: v for k, v in fingerprint.items() if k not in legacy}
+  if stored != fingerprint:
     raise SearchStateError(
-        f"{path} holds a different search ({_differences(state.get('fingerprint') or {}, fingerprint)} "
+        f"{path} holds a different search ({_differences(stored, fingerprint)} "
         f"differ); "
         f"use a new run directory or delete it to start over")
   return state["steps"]
@@ -140,9 +144,10 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
   steps = load_state(state_path, fingerprint)
   pool = spec.pool_candidates()
 
-  def save():
-    if state_path is not None and distributed.is_primary():
-      atomic_write_json(state_path, {"fingerprint": fingerprint, "steps": steps})
+  def save():  # a failed write (a full disk) stops every process, not only process 0
+    if state_path is not None:
+      distributed.on_primary(
+          lambda: atomic_write_json(state_path, {"fingerprint": fingerprint, "steps": steps}))
 
   if spec.one_shot and not steps:
     scores, stats = scorer.score(np.ones((spec.num_layers, 2), bool), pool)  # all exact

@@ -236,3 +236,17 @@ def test_mesh_that_does_not_fit_the_devices_fails_first(job_assets, tmp_path):
                                        r"devices of this job \(1 process"):
     main.run(config)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_refusal_on_process_0_stops_every_process(job_assets, tmp_path):
+  """Only process 0 takes the run directory's lock: its refusal must reach the others, which
+  would otherwise wait for it at the next collective forever."""
+  from finercut_jax import io
+  model_dir, _, text = job_assets
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  with io.run_lock(str(run_dir)):
+    codes, outputs = finish(start(distributed_config(model_dir, text, run_dir), 2), timeout=300)
+  assert codes == [2, 2], outputs
+  for out in outputs:
+    assert "is in use by another job" in out and "Traceback" not in out, out

@@ -46,8 +46,9 @@ def refused(config, *words):
   """main.run(config) fails with one line holding `words`, and the run directory is untouched."""
   run_dir = config.run_dir
   before = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else None
+  # (`.lock` records who holds the directory: a refused job may have held it, briefly.)
   contents = {n: open(os.path.join(run_dir, n), "rb").read() for n in before or []
-              if os.path.isfile(os.path.join(run_dir, n))}
+              if os.path.isfile(os.path.join(run_dir, n)) and n != ".lock"}
   with pytest.raises(ERRORS) as e:
     main.run(config)
   message = str(e.value)
@@ -216,6 +217,24 @@ def test_evaluation_without_a_finished_search(job_assets, tmp_path):
     evaluate_run(str(run_dir), small_eval("piqa"), log=lambda *_: None)
 
 
+def test_unchanged_checkpoint_is_not_rewritten(tmp_path):
+  """A rerun skips checkpoints that exist with the same contents, also for configs whose JSON
+  form differs from their Python form (Llama-3 RoPE scaling is a tuple, stored as a list)."""
+  from finercut_jax.loading import load_model
+  src = save_hf_model(make_hf_model("llama3_rope_headdim", num_layers=2), tmp_path / "src")
+  model, _ = load_model(src, tokenizer=False)
+  keep = np.array([[True, False], [True, True]])
+  directory = str(tmp_path / "ckpt")
+  checkpoint.save_pruned(directory, model.config, model.params(), keep, source=src)
+  meta = os.path.join(directory, "model.json")
+  before = os.stat(meta).st_mtime_ns
+  checkpoint.save_pruned(directory, model.config, model.params(), keep, source=src)
+  assert os.stat(meta).st_mtime_ns == before, "rewritten"
+  checkpoint.save_pruned(directory, model.config, model.params(), ~keep, source=src)
+  assert os.stat(meta).st_mtime_ns != before, "a changed checkpoint was not rewritten"
+  np.testing.assert_array_equal(checkpoint.restore_pruned(directory)[0].keep, ~keep)
+
+
 # ----------------------------------------------------------------------------- 8. bad input
 
 
@@ -297,6 +316,10 @@ def cli(module, *args, cwd=REPO):
 @pytest.mark.parametrize("module,args,words", [
     ("finercut_jax.main", ["--config=configs/smollm2_135m.py", "--config.bogus=1"],
      "unknown setting --config.bogus"),
+    ("finercut_jax.main", ["--config=configs/smollm2_135m.py", "--config.search.ration=0.3"],
+     'unknown setting --config.search.ration: Did you mean "ratio"'),
+    ("finercut_jax.main", ["--config=configs/missing.py", "--config.run_dir=/tmp/x"],
+     "No such file or directory"),
     ("finercut_jax.evaluate", ["--run_dir=/nonexistent/run"], "/nonexistent/run: no such run"),
     ("finercut_jax.evaluate", ["--run_dir=.", "--eval.bogus=1"], "unknown setting --eval.bogus"),
 ])

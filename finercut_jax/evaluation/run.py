@@ -202,17 +202,17 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   return out
 
 
-def _load_model(run_dir, run_config, key, masks, mesh, dense_params):
+def _load_model(run_dir, run_config, key, masks, mesh, dense_model):
   """The model `key` ("dense" or a ratio of masks.json) and where it came from: the run's source
   (dense), its pruned checkpoint, or, without one (config.checkpoint=False), the dense weights
-  pruned by the mask. Returns (EvalModel, tokenizer or None, source, dense parameters if loaded)."""
+  pruned by the mask. Returns (EvalModel, tokenizer or None, source, the dense `Llama` to keep for
+  later mask-pruned ratios: only when the run wrote no checkpoints, else None)."""
   from finercut_jax import checkpoint
   if key == "dense":
-    dense_model, tokenizer = checkpoint.load_source_model(run_dir, mesh=mesh,
-                                                          run_config=run_config)
+    dense, tokenizer = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)
     # Kept only where a ratio has no checkpoint and is pruned from it: never a second copy else.
-    keep_dense = dense_model if not run_config.get("checkpoint", True) else None
-    return EvalModel.wrap(dense_model, "dense"), tokenizer, "source", keep_dense
+    keep_dense = dense if not run_config.get("checkpoint", True) else None
+    return EvalModel.wrap(dense, "dense"), tokenizer, "source", keep_dense
   name, keep = f"ratio {float(key):g}", np.asarray(masks[key], bool)
   try:
     pruned_model, tokenizer = checkpoint.load_pruned(run_dir, float(key), mesh=mesh)
@@ -221,10 +221,10 @@ def _load_model(run_dir, run_config, key, masks, mesh, dense_params):
       raise FileNotFoundError(f"{e}; the run writes pruned checkpoints, so this one is missing "
                               f"or incomplete (an interrupted save?): rerun python -m "
                               f"finercut_jax.main with this run's config to write it") from None
-    if dense_params is None:
-      dense_params = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
-    return (EvalModel.from_dense(dense_params.config, dense_params.params(), keep, name=name,
-                                 dtype=dense_params.dtype), None, "mask", dense_params)
+    if dense_model is None:
+      dense_model = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
+    return (EvalModel.from_dense(dense_model.config, dense_model.params(), keep, name=name,
+                                 dtype=dense_model.dtype), None, "mask", dense_model)
   model = EvalModel.wrap(pruned_model, name)
   if not np.array_equal(model.keep, keep):
     raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "
@@ -239,7 +239,7 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
   from finercut_jax import distributed
   from finercut_jax.io import atomic_write_json
   tp = eval_config.throughput
-  heldout, tokenizer, prompt, dense_params = None, None, None, None
+  heldout, tokenizer, prompt, dense_model = None, None, None, None
   settings = _settings(eval_config)
   for key in ["dense"] + ratios:
     previous = done.get(key)
@@ -248,8 +248,8 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
       log(f"  {previous['name']}: reusing the results in {path}")
       record(key, previous)
       continue
-    model, model_tokenizer, source, dense_params = _load_model(
-        run_dir, run_config, key, masks, mesh, dense_params)
+    model, model_tokenizer, source, dense_model = _load_model(
+        run_dir, run_config, key, masks, mesh, dense_model)
     if source == "mask":
       log(f"  {model.name}: no pruned checkpoint (config.checkpoint=False): the dense weights "
           f"pruned by the mask")
@@ -259,9 +259,9 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
       tokenizer = load_tokenizer(run_config["model"]["path"])
     if heldout is None and todo["perplexity"]:
       heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
-    entry = {"ratio": 0.0 if key == "dense" else float(key), "source": source,
-             **evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
-                              log=log, previous=previous)}
+    entry = {**evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
+                              log=log, previous=previous),
+             "ratio": 0.0 if key == "dense" else float(key), "source": source}
     if todo["throughput"]:
       if prompt is None:  # the same prompts for every model
         prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size,
@@ -279,8 +279,7 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
   for key, entry in results["models"].items():
     if key != "dense" and dense_tp and "throughput" in entry:
       entry["throughput_vs_dense"] = throughput.relative_to(dense_tp, entry["throughput"])
-  if distributed.is_primary():
-    atomic_write_json(path, results)
+  distributed.on_primary(lambda: atomic_write_json(path, results))
 
 
 def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dict:
@@ -297,8 +296,8 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   if not primary:
     log = lambda *_: None  # noqa: E731
   eval_config = resolve_eval_config(eval_config)
-  read = lambda name, default=None: distributed.broadcast_json(
-      _read_json(os.path.join(run_dir, name), default) if primary else None)
+  read = lambda name, default=None: distributed.on_primary(  # noqa: E731
+      lambda: _read_json(os.path.join(run_dir, name), default))
   run_config = read("config.json")
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
@@ -328,10 +327,9 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
              "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
              "eval_config": settings, "models": dict(reusable)}
 
-  def record(key, entry):
+  def record(key, entry):  # a failed write stops every process, not only process 0
     results["models"][key] = entry
-    if primary:
-      atomic_write_json(path, results)
+    distributed.on_primary(lambda: atomic_write_json(path, results))
 
   keeps = {r: np.asarray(masks[r], bool) for r in ratios}
   keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
@@ -340,13 +338,13 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
                    results, path, mesh, log)
 
-  if eval_config.plots and primary:
-    results["plots"] = {k: os.path.basename(v) for k, v in
-                        plots.make_plots(run_dir, ranking, {r: masks[r] for r in ratios} or masks,
-                                         results, results["model"]).items()}
-    atomic_write_json(path, results)
-  if primary:
+  def write_plots_and_report():
+    if eval_config.plots:
+      results["plots"] = {k: os.path.basename(v) for k, v in plots.make_plots(
+          run_dir, ranking, {r: masks[r] for r in ratios} or masks, results,
+          results["model"]).items()}
+      atomic_write_json(path, results)
     report.write_report(run_dir, results, ranking, run_config)
-  distributed.barrier("evaluation written")
+  distributed.on_primary(write_plots_and_report)
   log(f"wrote {path} and {os.path.join(run_dir, 'report.md')}")
   return results
