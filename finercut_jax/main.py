@@ -124,7 +124,10 @@ def run(config) -> str:
   lock = contextlib.ExitStack()
   take_lock = lambda: distributed.on_primary(  # noqa: E731
       lambda: lock.enter_context(io.run_lock(run_dir)) and None)
-  if os.path.isdir(run_dir):
+  # Decided once, by process 0: each process looking for itself could see the directory before
+  # and after process 0 creates it, and take part in different collectives.
+  existed = distributed.on_primary(lambda: os.path.isdir(run_dir))
+  if existed:
     take_lock()
   tokens_differ = distributed.on_primary(
       lambda: os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens))
@@ -141,7 +144,7 @@ def run(config) -> str:
                   backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
                   state_every=config.scorer.state_every,
                   state_memory=config.scorer.state_memory_gb * 2**30)
-  if not os.path.isdir(run_dir):
+  if not existed:
     take_lock()
   with lock:
     _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec,
