@@ -6,6 +6,7 @@ through the same sublayer functions as the dense model with the mask, only sched
 float32 rounding (measured <= 7.2e-7 on logits of magnitude ~4); a wrong, missing or reordered
 sublayer changes logits by O(1).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -158,28 +159,37 @@ class Interrupt(Exception):
   pass
 
 
-def test_main_job_end_to_end(job_assets, tmp_path, monkeypatch):
-  model_dir, tokenizer, text = job_assets
-  run_dir = tmp_path / "run"
-  config = job_config(model_dir, text, run_dir)
-
-  # First run: interrupted after 2 of the 6 steps.
+@contextlib.contextmanager
+def interrupted_search(at_step: int):
+  """`main.run` in the block stops with Interrupt once greedy step `at_step` is recorded."""
   original = search_module.greedy_search
 
   def interrupted(*args, on_step=None, **kwargs):
     def stop(record):
       on_step(record)
-      if record["step"] == 1:
+      if record["step"] == at_step:
         raise Interrupt
     return original(*args, on_step=stop, **kwargs)
 
-  monkeypatch.setattr(search_module, "greedy_search", interrupted)
-  with pytest.raises(Interrupt):
+  search_module.greedy_search = interrupted
+  try:
+    with pytest.raises(Interrupt):
+      yield
+  finally:
+    search_module.greedy_search = original
+
+
+def test_main_job_end_to_end(job_assets, tmp_path):
+  model_dir, tokenizer, text = job_assets
+  run_dir = tmp_path / "run"
+  config = job_config(model_dir, text, run_dir)
+
+  # First run: interrupted after 2 of the 6 steps.
+  with interrupted_search(at_step=1):
     main.run(config)
   partial = json.loads((run_dir / "search_state.json").read_text())["steps"]
   assert len(partial) == 2
   assert not (run_dir / "ranking.json").exists()
-  monkeypatch.setattr(search_module, "greedy_search", original)
 
   # Second run: resumes and finishes.
   assert main.run(config) == str(run_dir)

@@ -25,7 +25,8 @@ from finercut_jax.evaluation.run import default_eval_config, evaluate_run
 from finercut_jax.scorer import NonFiniteError, Scorer
 from hf_tiny import make_hf_model, save_hf_model
 from test_distributed import finish, start
-from test_main import REPO, job_assets, job_config, make_tokenizer  # noqa: F401 F811
+from test_main import (REPO, interrupted_search, job_assets, job_config,  # noqa: F401 F811
+                       make_tokenizer)
 
 ERRORS = (ValueError, OSError)  # what the CLIs print as one line with exit code 2
 
@@ -149,22 +150,12 @@ def test_one_job_per_run_directory(finished_run):
   main.run(finished_run)  # released: the same job runs again (nothing to score)
 
 
-def test_swapped_weights_do_not_resume(job_assets, tmp_path, monkeypatch):
+def test_swapped_weights_do_not_resume(job_assets, tmp_path):
   model_dir, _, text = job_assets
   model = copy_model(model_dir, tmp_path / "model")
   config = job_config(model, text, tmp_path / "run")
-  original = search_module.greedy_search
-
-  def interrupted(*args, on_step=None, **kwargs):
-    def stop(record):
-      if record["step"] == 1:
-        raise KeyboardInterrupt
-    return original(*args, on_step=stop, **kwargs)
-
-  monkeypatch.setattr(search_module, "greedy_search", interrupted)
-  with pytest.raises(KeyboardInterrupt):
+  with interrupted_search(at_step=1):
     main.run(config)
-  monkeypatch.setattr(search_module, "greedy_search", original)
   edit_tensor(model, "model.layers.0.self_attn.q_proj.weight", lambda w: w * 1.01)
   refused(config, "holds a different search", "weights")
 

@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from finercut_jax.evaluation import benchmarks, perplexity, plots, report, throughput
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig
+from finercut_jax.io import read_json
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -99,18 +100,13 @@ def run_eval_config(run_dir: str, overrides: dict | None = None) -> ml_collectio
   """The evaluation settings a run was configured with (its config.json's `eval` section),
   `overrides` (flat, dotted keys) on top. An explicit evaluation runs even if the run had
   evaluation disabled."""
-  run_config = _read_json(os.path.join(run_dir, "config.json"))
+  run_config = read_json(os.path.join(run_dir, "config.json"))
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
   config = resolve_eval_config(run_config.get("eval"))
   config.update_from_flattened_dict(dict(overrides or {}))
   config.enabled = True
   return config
-
-
-def _read_json(path, default=None):
-  from finercut_jax.io import read_json
-  return read_json(path, default)
 
 
 def heldout_for_run(run_config: dict, tokenizer, eval_config, run_dir: str | None = None
@@ -297,7 +293,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
     log = lambda *_: None  # noqa: E731
   eval_config = resolve_eval_config(eval_config)
   read = lambda name, default=None: distributed.on_primary(  # noqa: E731
-      lambda: _read_json(os.path.join(run_dir, name), default))
+      lambda: read_json(os.path.join(run_dir, name), default))
   run_config = read("config.json")
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
