@@ -106,13 +106,14 @@ def abstract_scorer(config, cfg, dtype, mesh, state_memory_gb=None):
   import jax
   import numpy as np
   from finercut_jax.model import param_shapes
+  from finercut_jax.model import Llama
   from finercut_jax.scorer import Scorer
   from finercut_jax.search import SearchSpec
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   tokens = np.zeros((config.data.num_sequences, config.data.seq_len), np.int32)
   pool = SearchSpec(num_layers=cfg.num_layers, pool=config.search.pool).pool_candidates()
-  scorer = Scorer(shapes, cfg, tokens, metric=config.search.metric,
+  scorer = Scorer(Llama.from_params(cfg, shapes), tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,
                   max_candidates=len(pool), state_every=config.scorer.state_every,
@@ -280,46 +281,41 @@ def replicated_weights(cfg, mesh) -> list[str]:
   """Head-split weights that stay whole on every chip because the heads do not divide the model
   axis (sharding.logical_spec keeps a head on one chip)."""
   from finercut_jax import sharding
-  from finercut_jax.model import param_shapes
+  from finercut_jax.model import logical_axes, param_shapes
   if mesh.shape[sharding.MODEL] == 1:
     return []
   fn = sharding.param_sharding_fn(mesh, cfg)
-  layers = param_shapes(cfg)["layers"]
+  layers, axes = param_shapes(cfg)["layers"], logical_axes(cfg)
   return [name for name, shape in layers.items()
-          if {"q_heads", "kv_heads"} & set(sharding.PARAM_AXES[name])
+          if {"q_heads", "kv_heads"} & set(axes[name])
           and sharding.MODEL not in fn(name, shape).spec]
 
 
 def lower_evaluation(config, cfg, dtype, mesh, slots: int):
-  """The evaluation's scoring program (`evaluation.lm._score_slots`) for the dense model in the
-  pruned layout, on one batch of the largest sequence bucket (as `loglikelihood_tokens` sizes it).
+  """The evaluation's scoring program (`evaluation.lm._score_slots`) for the dense model,
+  on one batch of the largest sequence bucket (as `loglikelihood_tokens` sizes it).
   Returns (lowered program, batch shape, per-chip bytes of its inputs)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from finercut_jax import sharding
   from finercut_jax.evaluation.lm import _score_slots
   from finercut_jax.evaluation.run import resolve_eval_config, scoring_config
-  from finercut_jax.model import ATTN_PARAM_NAMES, FFN_PARAM_NAMES, param_shapes
-  from finercut_jax.pruned import make_schedule
+  from flax import nnx
+  from finercut_jax.model import Llama, param_shapes
   scoring = scoring_config(resolve_eval_config(config.get("eval")).scoring)
   seq = max([b for b in scoring.seq_buckets if b <= scoring.max_length] or
             [min(scoring.seq_buckets)])
   rows = max(1, min(scoring.max_batch, scoring.tokens_per_batch // seq))
-  shapes = param_shapes(cfg)
-  layers = shapes.pop("layers")
-  tree = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
-  # Everything kept: the attention and FFN stacks hold all L sublayers of each kind.
-  tree["attn"] = {n: jax.ShapeDtypeStruct(layers[n], dtype) for n in ATTN_PARAM_NAMES}
-  tree["ffn"] = {n: jax.ShapeDtypeStruct(layers[n], dtype) for n in FFN_PARAM_NAMES}
-  params = sharding.shard_params(tree, mesh, cfg)
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+  graphdef, params = nnx.split(Llama.from_params(cfg, shapes))  # the dense model: all kept
+  params = sharding.shard_state(params, mesh, cfg)
   rep = sharding.replicated(mesh)
-  schedule = make_schedule(np.ones((cfg.num_layers, 2), bool))
   inputs = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-            for shape in (schedule.shape, (rows, seq), (rows, slots), (rows, slots))]
-  lowered = _score_slots.lower(params, *inputs, cfg=cfg, dtype=jnp.dtype(dtype).name)
+            for shape in ((rows, seq), (rows, slots), (rows, slots))]
+  lowered = _score_slots.lower(graphdef, params, *inputs)
   held = {"params": per_device_bytes(params),
-          "schedule, tokens, slots": per_device_bytes(inputs)}
+          "tokens, slots": per_device_bytes(inputs)}
   return lowered, {"rows": rows, "seq_len": seq, "slots": slots,
                    "tokens_per_batch": scoring.tokens_per_batch}, held
 

@@ -200,6 +200,7 @@ def side_jax(spec: dict) -> dict:
   import jax
 
   from benchmarks.official_baseline import PeakMemory
+  from finercut_jax.model import Llama
   from finercut_jax.scorer import Scorer
   from finercut_jax.search import SearchSpec, greedy_search
   cfg, params, tokens, load_seconds = _jax_setup(spec)
@@ -219,7 +220,7 @@ def side_jax(spec: dict) -> dict:
   loadavg = _loadavg()
   with PeakMemory() as mem:
     t0 = time.perf_counter()
-    scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
+    scorer = Scorer(Llama.from_params(cfg, params), tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
                     position_block=spec["position_block"],
                     max_candidates=len(sspec.pool_candidates()), **spec["scorer_kwargs"])
     jax.block_until_ready(scorer.reference)
@@ -250,6 +251,7 @@ def side_memprobe(spec: dict) -> dict:
   import numpy as np
 
   from benchmarks.official_baseline import PeakMemory
+  from finercut_jax.model import Llama
   from finercut_jax.scorer import Scorer
   from finercut_jax.search import SearchSpec
   cfg, params, tokens, load_seconds = _jax_setup(spec)
@@ -260,7 +262,7 @@ def side_memprobe(spec: dict) -> dict:
   out = {"side": "memprobe", "chunk_width": spec["chunk_width"], "num_candidates": count,
          "position_block": spec["position_block"], "load_seconds": load_seconds}
   with PeakMemory() as mem:
-    scorer = Scorer(params, cfg, tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
+    scorer = Scorer(Llama.from_params(cfg, params), tokens, metric=spec["metric"], chunk_width=spec["chunk_width"],
                     position_block=spec["position_block"], max_candidates=count,
                     **spec["scorer_kwargs"])
     jax.block_until_ready(scorer.reference)

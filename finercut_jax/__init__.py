@@ -1,7 +1,17 @@
-"""finercut_jax: FinerCut fine-grained layer pruning for Llama-family models in JAX/Flax."""
+"""finercut_jax: FinerCut fine-grained layer pruning for Llama-family models in JAX/Flax NNX.
+
+What a JAX codebase needs, importable from here: the NNX model (`Llama`) and its loaders, the
+compiled scorer and the greedy search, and pruned checkpoints.
+"""
+from finercut_jax.checkpoint import load_pruned, restore_pruned, save_pruned
 from finercut_jax.config import LlamaConfig, UnsupportedConfigError
 from finercut_jax.loading import CheckpointError, load_model, load_params, load_tokenizer
-from finercut_jax.model import Llama, forward
+from finercut_jax.model import Attention, DecoderStack, Llama, MLP, RMSNorm, forward
+from finercut_jax.scorer import Candidate, Scorer
+from finercut_jax.search import SearchSpec, greedy_search, keep_mask
+from finercut_jax.sharding import make_mesh
 
-__all__ = ["LlamaConfig", "UnsupportedConfigError", "CheckpointError", "load_model", "load_params",
-           "load_tokenizer", "Llama", "forward"]
+__all__ = ["Attention", "Candidate", "CheckpointError", "DecoderStack", "Llama", "LlamaConfig",
+           "MLP", "RMSNorm", "Scorer", "SearchSpec", "UnsupportedConfigError", "forward",
+           "greedy_search", "keep_mask", "load_model", "load_params", "load_pruned",
+           "load_tokenizer", "make_mesh", "restore_pruned", "save_pruned"]

@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
 from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.model import Params, param_shapes
-from finercut_jax.pruned import ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, prune_params
+from finercut_jax.model import (ATTN_PARAM_NAMES, FFN_PARAM_NAMES, Llama, Params, param_shapes,
+                                prune_params)
 
 
 def ratio_name(ratio: float) -> str:
@@ -111,8 +111,8 @@ def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), tree)
 
 
-def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[PrunedLlama, object]:
-  """`(PrunedLlama, tokenizer or None)` from a checkpoint directory written by `save_pruned`;
+def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, object]:
+  """`(Llama holding the kept sublayers, tokenizer or None)` from a checkpoint directory written by `save_pruned`;
   with `mesh`, the parameters are restored straight onto it, sharded by the sharding rules."""
   meta = _read_meta(directory)
   if meta is None:
@@ -134,11 +134,11 @@ def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[PrunedLlam
   if os.path.isdir(tok_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-  return PrunedLlama(cfg, keep, params, dtype=dtype), tokenizer
+  return Llama.from_params(cfg, params, present=keep, dtype=dtype), tokenizer
 
 
 def load_pruned(run_dir: str, ratio: float, *, dtype=None, mesh=None
-                ) -> tuple[PrunedLlama, object]:
+                ) -> tuple[Llama, object]:
   """The pruned model of a search run at `ratio`, and its tokenizer."""
   directory = pruned_dir(run_dir, ratio)
   if not os.path.isdir(directory):

@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from finercut_jax.config import LlamaConfig
 from finercut_jax.io import read_json
@@ -279,10 +280,9 @@ def gguf_config(reader) -> LlamaConfig:
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-  """llama.cpp stores q/k rows permuted for interleaved RoPE; back to the rotate-half layout."""
-  d_out, d_in = w.shape
-  hd = d_out // n_head
-  return w.reshape(n_head, hd // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
+  """llama.cpp stores q/k rows permuted for interleaved RoPE (each head's rows as pairs); back to
+  the rotate-half layout (each head's first halves, then its second halves)."""
+  return rearrange(w, "(heads half pair) d -> (heads pair half) d", heads=n_head, pair=2)
 
 
 def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
@@ -513,7 +513,7 @@ def load_model(path: str = DEFAULT_MODEL, dtype=jnp.float32, *, tokenizer: bool 
   Returns `(model, tokenizer)`; the tokenizer is None with `tokenizer=False`.
   """
   cfg, params = load_params(path, dtype, sharding_fn)
-  model = Llama(cfg, params, dtype=dtype)
+  model = Llama.from_params(cfg, params)
   tok = load_tokenizer(path) if tokenizer else None
   if tok is not None and len(tok) > cfg.vocab_size:
     raise CheckpointError(f"{path}: tokenizer has {len(tok)} tokens but the model's vocabulary is "

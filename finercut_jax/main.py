@@ -74,6 +74,7 @@ def run(config) -> str:
   import numpy as np
 
   from finercut_jax import data, distributed, io, loading, search, sharding
+  from finercut_jax.model import Llama
   from finercut_jax.scorer import Scorer
 
   validate(config)
@@ -138,7 +139,7 @@ def run(config) -> str:
   model_cfg, params = loading.load_params(model_path, dtype,
                                           sharding.param_sharding_fn(mesh, model_cfg))
   # The dense reference pass: non-finite outputs stop the job here.
-  scorer = Scorer(params, model_cfg, tokens, metric=config.search.metric,
+  scorer = Scorer(Llama.from_params(model_cfg, params), tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
                   position_block=config.scorer.position_block, mesh=mesh,
                   backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),

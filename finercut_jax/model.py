@@ -1,29 +1,42 @@
-"""The Llama-family decoder: a pure functional core over a parameter pytree, and its Flax NNX module.
+"""The Llama-family decoder as Flax NNX modules that take per-sublayer masks.
 
-The functional core is what the scorer compiles, vmaps and shards: parameters are a plain dict whose
-per-layer tensors are stacked on a leading layer axis, so the stack runs as one `lax.scan` (an
-80-layer model compiles as fast as a 2-layer one) and any sublayer can be picked out by index.
+Modules: `RMSNorm`; `Attention` (its input norm, grouped-query attention with rotary embeddings,
+Llama-3.1 frequency scaling included, and a KV-cache path for decoding); `MLP` (its input norm and
+the SwiGLU FFN); `DecoderStack` (every layer's attention and MLP, stacked by kind); `Llama`.
+Projections are `nnx.Linear`, so any of them can be wrapped (e.g. in `nnx.LoRA`).
 
-A model has L blocks; block l is two residual sublayers, attention then FFN. Sublayer id
-`s = 2*l + k` (k=0 attention, k=1 FFN). A `keep` mask `[L, 2]` of booleans says which are present;
-a removed sublayer's whole residual branch (its input norm included) is skipped: when the mask is
-not batched the branch is not computed at all (`lax.cond`), not multiplied by zero.
+A model has L blocks; block l is two residual sublayers, `h + Attn_l(h)` then `h + MLP_l(h)`.
+Sublayer id `s = 2*l + k` (k=0 attention, k=1 MLP). A `keep` mask `[L, 2]` of booleans removes
+sublayers at call time; a removed sublayer's whole residual branch (its input norm included) is
+skipped with `lax.switch`, never multiplied by zero. A pruned model (`Llama.prune`) holds only the
+sublayers it keeps (`present`): `DecoderStack.attn` is stacked over the kept attention sublayers
+and `DecoderStack.mlp` over the kept MLPs, so its removed sublayers cost neither memory nor time.
 
-Parameter layout (HF weights load by transpose only: rotary embeddings use the rotate-half layout):
+Every forward pass (the model's call, the scorer's per-sublayer programs, evaluation, cached
+decoding) runs one sublayer at a time out of the stacks, inside one `lax.scan`/`fori_loop` body,
+so an 80-layer model compiles as fast as a 2-layer one.
+
+Parameters carry their logical axes (`out_sharding` metadata, e.g. `("layers", "embed",
+"q_heads")`); `sharding.py` maps them onto a mesh. `Llama.params()` / `Llama.from_params` convert to
+and from the checkpoint layout (`Params`) that loading and the pruned checkpoints use:
   embed       [V, D]
   layers/attn_norm [L, D], wq [L, D, H*hd], wk [L, D, KV*hd], wv [L, D, KV*hd], wo [L, H*hd, D]
   layers/ffn_norm  [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]
   final_norm  [D]
   lm_head     [D, V]   (absent when embeddings are tied)
+and, for a pruned model, `attn/{attn_norm, wq, wk, wv, wo}` `[n_attn, ...]` and
+`ffn/{ffn_norm, w_gate, w_up, w_down}` `[n_ffn, ...]` in place of `layers`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from finercut_jax.config import LlamaConfig
@@ -33,10 +46,16 @@ ATTN, FFN = 0, 1
 ATTN_PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo")
 FFN_PARAM_NAMES = ("ffn_norm", "w_gate", "w_up", "w_down")
 LAYER_PARAM_NAMES = ATTN_PARAM_NAMES + FFN_PARAM_NAMES
+# Checkpoint-layout name -> (attribute, variable) inside `Attention` / `MLP`.
+_ATTN_PATHS = {"attn_norm": ("norm", "weight"), "wq": ("q_proj", "kernel"),
+               "wk": ("k_proj", "kernel"), "wv": ("v_proj", "kernel"), "wo": ("o_proj", "kernel")}
+_FFN_PATHS = {"ffn_norm": ("norm", "weight"), "w_gate": ("gate_proj", "kernel"),
+              "w_up": ("up_proj", "kernel"), "w_down": ("down_proj", "kernel")}
+INIT_STD = 0.02
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
-  """Shapes of every parameter, in the layout above."""
+  """Shapes of every parameter of the dense model, in the checkpoint layout."""
   L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   shapes = {
@@ -53,30 +72,22 @@ def param_shapes(cfg: LlamaConfig) -> Params:
   return shapes
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-  """Random parameters (normal(0, std) weights, unit norms), for tests and tiny configs."""
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = INIT_STD) -> Params:
+  """Random parameters in the checkpoint layout (normal(0, std) weights, unit norms)."""
   shapes = param_shapes(cfg)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(key, len(leaves))
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
   out = []
-  for k, shape, path in zip(keys, leaves, paths):
-    if "norm" in path:
+  for k, (path, shape) in zip(keys, flat):
+    if "norm" in jax.tree_util.keystr(path):
       out.append(jnp.ones(shape, dtype))
     else:
       out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
   return jax.tree.unflatten(treedef, out)
 
 
-# ----------------------------------------------------------------------------- building blocks
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm computed in float32, cast back before the weight (as Hugging Face Llama does)."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return weight.astype(x.dtype) * normed.astype(x.dtype)
+# ----------------------------------------------------------------------------- rotary embeddings
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -96,174 +107,428 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   return scaled.astype(np.float32)
 
 
-def rope_tables(cfg: LlamaConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
-  """cos and sin tables `[T, head_dim]` in the rotate-half layout, float32."""
-  freqs = np.arange(seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None, :]
-  emb = np.concatenate([freqs, freqs], axis=-1)
-  return jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
+def rotary(cfg: LlamaConfig, positions) -> tuple[Any, Any]:
+  """cos and sin `[..., t, head_dim]` (rotate-half layout, float32) at `positions` `[..., t]`.
+  NumPy positions (a full sequence) give compile-time constants."""
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  freqs = xp.asarray(positions).astype(xp.float32)[..., None] * rope_inv_freq(cfg)
+  emb = xp.concatenate([freqs, freqs], axis=-1)
+  return xp.cos(emb), xp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x `[B, T, heads, hd]`; rotate-half rotary embedding in float32."""
+def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
+  """x `[B, t, heads, hd]` rotated by the tables of `rotary` (`[t, hd]` or `[B, t, hd]`)."""
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-  return out.astype(x.dtype)
+  return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
-def attention_branch(lp: Params, x: jax.Array, rope, cfg: LlamaConfig) -> jax.Array:
-  """Attn(RMSNorm(x)) for one layer's params `lp`; x `[B, T, D]`."""
-  B, T, _ = x.shape
-  dt = x.dtype
-  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-  q = (h @ lp["wq"].astype(dt)).reshape(B, T, cfg.num_heads, cfg.head_dim)
-  k = (h @ lp["wk"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  v = (h @ lp["wv"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  cos, sin = rope
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  o = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=cfg.head_dim ** -0.5)
-  return o.reshape(B, T, cfg.num_heads * cfg.head_dim) @ lp["wo"].astype(dt)
+# ----------------------------------------------------------------------------- modules
 
 
-def ffn_branch(lp: Params, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
-  """SwiGLU FFN of RMSNorm(x)."""
-  dt = x.dtype
-  h = rms_norm(x, lp["ffn_norm"], cfg.rms_norm_eps)
-  gate = jax.nn.silu(h @ lp["w_gate"].astype(dt))
-  return (gate * (h @ lp["w_up"].astype(dt))) @ lp["w_down"].astype(dt)
+def _linear(d_in: int, d_out: int, axes: tuple[str, str], *, rngs, dtype, param_dtype,
+            **kwargs) -> nnx.Linear:
+  init = nnx.with_partitioning(nnx.initializers.normal(INIT_STD), axes, eager_sharding=False)
+  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, rngs=rngs, **kwargs)
 
 
-def apply_sublayer(lp: Params, kind, h: jax.Array, rope, cfg: LlamaConfig, keep=True) -> jax.Array:
-  """h + branch(h) for sublayer `kind` (0 attn, 1 FFN) of a layer, or h unchanged if not `keep`.
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, cast back before the weight (as Hugging Face Llama does)."""
 
-  `kind` and `keep` may be traced scalars; when they are not batched, only the chosen branch runs.
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
+                            eager_sharding=False)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions, k_positions,
+           scale: float) -> jax.Array:
+  """Grouped-query attention of q `[B, t, H, hd]` over k, v `[B, S, KV, hd]`: a query sees the
+  keys at positions up to its own (`q_positions` `[t]`/`[B, t]`, `k_positions` `[S]`)."""
+  visible = k_positions[..., None, :] <= q_positions[..., :, None]  # [t, S] or [B, t, S]
+  visible = visible[None, None] if visible.ndim == 2 else visible[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=visible, scale=scale)
+
+
+class Attention(nnx.Module):
+  """The attention sublayer's branch: Attn(RMSNorm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    self.config = cfg
+    D, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.q_proj = _linear(D, q, ("embed", "q_heads"), **kw)
+    self.k_proj = _linear(D, kv, ("embed", "kv_heads"), **kw)
+    self.v_proj = _linear(D, kv, ("embed", "kv_heads"), **kw)
+    self.o_proj = _linear(q, D, ("q_heads", "embed"), **kw)
+
+  def _qkv(self, x, positions):
+    hd = self.config.head_dim
+    h = self.norm(x)
+    heads = lambda y: rearrange(y, "b t (n d) -> b t n d", d=hd)
+    q, k, v = heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h))
+    cos, sin = rotary(self.config, positions)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def _out(self, o):
+    return self.o_proj(rearrange(o, "b t n d -> b t (n d)"))
+
+  def __call__(self, x: jax.Array, positions) -> jax.Array:
+    """x `[B, T, D]` at `positions` `[T]` (or `[B, T]`), causal."""
+    q, k, v = self._qkv(x, positions)
+    return self._out(attend(q, k, v, positions, positions, self.config.head_dim ** -0.5))
+
+  def cached(self, x: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array):
+    """New tokens x `[B, t, D]` at `positions` `[B, t]` attending to themselves and this layer's
+    cache `keys`, `values` `[B, S, KV, hd]` (read, not written: a cache position at or past a
+    query's is replaced by the new token's or hidden). Returns the branch output and the new
+    tokens' keys and values `[B, t, KV, hd]`, which the caller writes into the cache."""
+    q, k, v = self._qkv(x, positions)
+    k, v = k.astype(keys.dtype), v.astype(values.dtype)
+    rows = jnp.arange(x.shape[0])[:, None]
+    all_k, all_v = keys.at[rows, positions].set(k), values.at[rows, positions].set(v)
+    o = attend(q, all_k.astype(q.dtype), all_v.astype(q.dtype), positions,
+               jnp.arange(keys.shape[1]), self.config.head_dim ** -0.5)
+    return self._out(o), k, v
+
+
+class MLP(nnx.Module):
+  """The FFN sublayer's branch: SwiGLU of RMSNorm(x)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.gate_proj = _linear(D, F, ("embed", "mlp"), **kw)
+    self.up_proj = _linear(D, F, ("embed", "mlp"), **kw)
+    self.down_proj = _linear(F, D, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.norm(x)
+    return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _stacked(make, n: int, rngs: nnx.Rngs):
+  """`n` modules made by `make(rngs)`, their variables stacked on a leading "layers" axis."""
+
+  @nnx.split_rngs(splits=max(n, 1))
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs):
+    return make(rngs)
+
+  module = create(rngs)
+  if n == 0:  # an empty stack (every sublayer of this kind removed)
+    graphdef, state = nnx.split(module)
+    module = nnx.merge(graphdef, jax.tree.map(lambda x: x[:0], state))
+  return module
+
+
+def _slice(stack: tuple, i) -> nnx.Module:
+  """Module i of a stacked module given as `nnx.split(stack)` (i may be traced)."""
+  graphdef, state = stack
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+
+class DecoderStack(nnx.Module):
+  """The decoder blocks' sublayers: `attn` (an `Attention` whose variables are stacked over the
+  kept attention sublayers) and `mlp` (likewise over the kept MLPs). `present` `[L][2]` says which
+  sublayers the model holds; all of them for a dense model."""
+
+  def __init__(self, cfg: LlamaConfig, present=None, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    present = np.ones((cfg.num_layers, 2), bool) if present is None else np.asarray(present, bool)
+    if present.shape != (cfg.num_layers, 2):
+      raise ValueError(f"present mask has shape {present.shape}, expected ({cfg.num_layers}, 2)")
+    self.config = cfg
+    self.present = tuple(tuple(bool(x) for x in row) for row in present)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attn = _stacked(lambda r: Attention(cfg, rngs=r, **kw), int(present[:, ATTN].sum()), rngs)
+    self.mlp = _stacked(lambda r: MLP(cfg, rngs=r, **kw), int(present[:, FFN].sum()), rngs)
+
+  @property
+  def present_mask(self) -> np.ndarray:
+    return np.asarray(self.present, bool)
+
+  @property
+  def schedule(self) -> np.ndarray:
+    """`[n_present, 3]` int32 rows (kind, index in that kind's stack, sublayer id), in depth order."""
+    flat = self.present_mask.reshape(-1)
+    ids = np.flatnonzero(flat)
+    kinds = ids % 2
+    index = (np.cumsum(flat.reshape(-1, 2), axis=0) - 1).reshape(-1)[ids]
+    return np.stack([kinds, index, ids], axis=1).astype(np.int32)
+
+  def _branches(self, positions, cache=None):
+    """`lax.switch` branches on (h, stack index[, keys, values]): identity, attention, MLP. A kind
+    with no kept sublayer never runs; its branch is the identity."""
+    attn, mlp = nnx.split(self.attn), nnx.split(self.mlp)
+    has_attn, has_mlp = any(r[ATTN] for r in self.present), any(r[FFN] for r in self.present)
+    if cache is None:
+      run_attn = lambda h, i: h + _slice(attn, i)(h, positions)
+      run_mlp = lambda h, i: h + _slice(mlp, i)(h)
+      identity = lambda h, i: h
+    else:
+      kv_shape = cache[0].shape[1:2] + positions.shape[1:] + cache[0].shape[3:]
+      zeros = lambda: jnp.zeros(kv_shape, cache[0].dtype)
+
+      def run_attn(h, i, keys, values):
+        out, k, v = _slice(attn, i).cached(h, positions, keys, values)
+        return h + out, k, v
+
+      run_mlp = lambda h, i, keys, values: (h + _slice(mlp, i)(h), zeros(), zeros())
+      identity = lambda h, i, keys, values: (h, zeros(), zeros())
+    return (identity, run_attn if has_attn else identity, run_mlp if has_mlp else identity)
+
+  def sublayer(self, j, h: jax.Array, positions, keep=True) -> jax.Array:
+    """h + branch(h) for sublayer id `j` (traced or not), or h unchanged when it is not kept or
+    not present. Only the chosen branch runs when j and keep are not batched."""
+    flat = self.present_mask.reshape(-1)
+    index = np.where(flat, np.cumsum(flat.reshape(-1, 2), axis=0).reshape(-1) - 1, 0)
+    on = jnp.asarray(flat)[j] & keep
+    branch = jnp.where(on, 1 + j % 2, 0)
+    return jax.lax.switch(branch, self._branches(positions), h, jnp.asarray(index, jnp.int32)[j])
+
+  def __call__(self, h: jax.Array, positions, keep=None) -> jax.Array:
+    """Runs the present sublayers (those of them that `keep` `[L, 2]` keeps) on h `[B, T, D]`."""
+    rows = self.schedule
+    if len(rows) == 0:
+      return h
+    flags = (np.ones(len(rows), bool) if keep is None
+             else jnp.asarray(keep, bool).reshape(-1)[rows[:, 2]])
+    branches = self._branches(positions)
+
+    def step(h, xs):
+      row, on = xs
+      return jax.lax.switch(jnp.where(on, 1 + row[0], 0), branches, h, row[1]), None
+
+    return jax.lax.scan(step, h, (jnp.asarray(rows), flags))[0]
+
+  def cached(self, h: jax.Array, positions: jax.Array, cache: dict):
+    """Runs the present sublayers on new tokens' stream h `[B, t, D]` at `positions` `[B, t]`,
+    writing their keys and values into `cache` (`init_cache`); returns h and the cache.
+
+    The cache is read inside the attention branch and written outside it, by a scatter on the
+    scan carry that XLA performs in place (a cache passed through `lax.switch` would be copied at
+    every sublayer). MLP steps scatter to an out-of-range slot, which is dropped."""
+    rows = self.schedule
+    n_attn = int(self.present_mask[:, ATTN].sum())
+    if len(rows) == 0:
+      return h, cache
+    keys, values = cache["k"], cache["v"]
+    if n_attn == 0:  # nothing to cache; keep a valid carry
+      keys = values = jnp.zeros((1,) + keys.shape[1:], keys.dtype)
+    branches = self._branches(positions, (keys, values))
+    b = jnp.arange(h.shape[0])[:, None]
+
+    def step(carry, row):
+      h, kc, vc = carry
+      kind, index = row[0], row[1]
+      layer = jnp.where(kind == ATTN, index, 0)
+      h, k, v = jax.lax.switch(kind + 1, branches, h, index, kc[layer], vc[layer])
+      slot = jnp.where(kind == ATTN, index, kc.shape[0])  # out of range for MLP steps: dropped
+      return (h, kc.at[slot, b, positions].set(k, mode="drop"),
+              vc.at[slot, b, positions].set(v, mode="drop")), None
+
+    (h, keys, values), _ = jax.lax.scan(step, (h, keys, values), jnp.asarray(rows))
+    return h, (cache if n_attn == 0 else {"k": keys, "v": values})
+
+
+class Llama(nnx.Module):
+  """Flax NNX Llama-family decoder; `model(tokens, keep=None)` returns float32 logits `[B, T, V]`.
+
+  `Llama(config, rngs=nnx.Rngs(0))` is randomly initialised; `Llama.from_params` builds one from
+  loaded weights; `model.prune(keep)` drops removed sublayers physically. `dtype` is the compute
+  dtype (None: the parameters'). `present` makes a model that holds only those sublayers.
   """
-  branches = (
-      lambda h: h,
-      lambda h: h + attention_branch(lp, h, rope, cfg),
-      lambda h: h + ffn_branch(lp, h, cfg),
-  )
-  if isinstance(kind, int) and isinstance(keep, bool):
-    return branches[1 + kind](h) if keep else h
-  index = jnp.where(keep, 1 + jnp.asarray(kind, jnp.int32), 0)
-  return jax.lax.switch(index, branches, h)
+
+  def __init__(self, config: LlamaConfig, *, present=None, rngs: nnx.Rngs | None = None,
+               dtype=None, param_dtype=jnp.float32):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = config
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    V, D = config.vocab_size, config.hidden_size
+    self.embed = nnx.Embed(V, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           embedding_init=nnx.with_partitioning(
+                               nnx.initializers.normal(INIT_STD), ("vocab", "embed"),
+                               eager_sharding=False))
+    self.layers = DecoderStack(config, present, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.final_norm = RMSNorm(D, config.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = None if config.tie_embeddings else _linear(
+        D, V, ("embed", "vocab"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        preferred_element_type=jnp.float32)
+
+  # ------------------------------------------------------------------ forward
+
+  @property
+  def compute_dtype(self):
+    return self.dtype or self.embed.embedding.dtype
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    return self.embed(tokens).astype(self.compute_dtype)
+
+  def hidden(self, tokens: jax.Array, keep=None) -> jax.Array:
+    """The final residual stream `[B, T, D]` (before the final norm)."""
+    positions = np.arange(tokens.shape[-1])
+    return self.layers(self.embed_tokens(tokens), positions, keep)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final norm and LM head of the stream h `[..., D]`; float32 logits `[..., V]`."""
+    x = self.final_norm(h)
+    if self.lm_head is not None:
+      return self.lm_head(x)
+    w = self.embed.embedding[...].astype(x.dtype)
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, keep=None) -> jax.Array:
+    """Float32 logits `[B, T, V]` of int tokens `[B, T]`; `keep` `[L, 2]` removes sublayers. One
+    compiled program per (structure, shapes): calls after the first do not recompile."""
+    graphdef, state = nnx.split(self)
+    keep = None if keep is None else jnp.asarray(keep, bool)
+    return _forward(graphdef, state, jnp.asarray(tokens), keep)
+
+  # ------------------------------------------------------------------ decoding
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """An empty KV cache `{k, v}` `[n_attn, B, max_len, KV, hd]` (kept attention only)."""
+    cfg = self.config
+    shape = (int(self.layers.present_mask[:, ATTN].sum()), batch, max_len, cfg.num_kv_heads,
+             cfg.head_dim)
+    return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+
+  def cached_hidden(self, tokens: jax.Array, positions: jax.Array, cache: dict):
+    """New tokens `[B, t]` at `positions` `[B, t]` through the model with a KV cache: the final
+    stream `[B, t, D]` and the updated cache. Rows may sit at different positions."""
+    return self.layers.cached(self.embed_tokens(tokens), positions, cache)
+
+  # ------------------------------------------------------------------ structure
+
+  @property
+  def present(self) -> np.ndarray:
+    """`[L, 2]`: the sublayers this model holds."""
+    return self.layers.present_mask
+
+  def num_params(self) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(self, nnx.Param))))
+
+  def prune(self, keep) -> "Llama":
+    """A model holding only the sublayers that `keep` `[L, 2]` keeps (of those present)."""
+    keep = np.asarray(keep, bool) & self.present
+    if np.array_equal(keep, self.present):
+      return self
+    return Llama.from_params(self.config, prune_params(self.params(), keep, self.present),
+                             present=keep, dtype=self.dtype)
+
+  @classmethod
+  def from_params(cls, config: LlamaConfig, params: Params, *, present=None,
+                  dtype=None) -> "Llama":
+    """A model holding `params` (the checkpoint layout: `layers` for a dense model, `attn` and
+    `ffn` for one that holds only the `present` sublayers). Leaves may be arrays (sharded or
+    not), tracers, or `jax.ShapeDtypeStruct` (an abstract model: it can be lowered, not run)."""
+    pruned = "layers" not in params
+    if pruned and present is None:
+      raise ValueError("parameters in the pruned layout (attn/ffn) need the `present` mask")
+    present = np.ones((config.num_layers, 2), bool) if present is None else np.asarray(present,
+                                                                                      bool)
+    if not pruned and not present.all():
+      raise ValueError("dense parameters (layers) hold every sublayer; use model.prune(keep)")
+    dtypes = {x.dtype for x in jax.tree.leaves(params)}
+    param_dtype = jax.dtypes.canonicalize_dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: cls(config, present=present, dtype=dtype, param_dtype=param_dtype)))
+    attn = params["attn"] if pruned else params["layers"]
+    ffn = params["ffn"] if pruned else params["layers"]
+    pure = {"embed": {"embedding": params.get("embed")},
+            "final_norm": {"weight": params.get("final_norm")},
+            "layers": {"attn": _nest(attn, _ATTN_PATHS), "mlp": _nest(ffn, _FFN_PATHS)}}
+    if not config.tie_embeddings:
+      pure["lm_head"] = {"kernel": params.get("lm_head")}
+    _check_and_fill(state, pure)
+    return nnx.merge(graphdef, state)
+
+  def params(self) -> Params:
+    """The parameters in the checkpoint layout (dense: `layers`; else `attn` and `ffn`)."""
+    state = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+    layers = state["layers"]
+    attn = {k: layers["attn"][a][b] for k, (a, b) in _ATTN_PATHS.items()}
+    ffn = {k: layers["mlp"][a][b] for k, (a, b) in _FFN_PATHS.items()}
+    out = {"embed": state["embed"]["embedding"], "final_norm": state["final_norm"]["weight"]}
+    if self.lm_head is not None:
+      out["lm_head"] = state["lm_head"]["kernel"]
+    if self.present.all():
+      out["layers"] = {**attn, **ffn}
+    else:
+      out["attn"], out["ffn"] = attn, ffn
+    return out
 
 
-def apply_stacked_sublayer(layers: Params, sublayer, h: jax.Array, rope, cfg: LlamaConfig,
-                           keep=True) -> jax.Array:
-  """`apply_sublayer` for sublayer id `sublayer` (traced) of the stacked `params["layers"]`.
-
-  Each branch slices only its own weights out of the stack: slicing a whole layer for either
-  kind copies the other kind's weights for nothing, ~20% of a sublayer loop's time on a CPU.
-  """
-  layer = sublayer // 2
-
-  def take(names):
-    return {k: layers[k][layer] for k in names}
-
-  branches = (
-      lambda h: h,
-      lambda h: h + attention_branch(take(ATTN_PARAM_NAMES), h, rope, cfg),
-      lambda h: h + ffn_branch(take(FFN_PARAM_NAMES), h, cfg),
-  )
-  return jax.lax.switch(jnp.where(keep, 1 + sublayer % 2, 0), branches, h)
+def prune_params(params: Params, keep, present=None) -> Params:
+  """Checkpoint-layout parameters of the sublayers `keep` `[L, 2]` keeps, in the pruned layout
+  (`attn`, `ffn`); `params` hold the `present` sublayers (all, for the dense layout)."""
+  keep = np.asarray(keep, bool)
+  present = np.ones_like(keep) if present is None else np.asarray(present, bool)
+  out = {k: v for k, v in params.items() if k not in ("layers", "attn", "ffn")}
+  for group, names, kind in (("attn", ATTN_PARAM_NAMES, ATTN), ("ffn", FFN_PARAM_NAMES, FFN)):
+    stack = params["layers"] if "layers" in params else params[group]
+    index = np.flatnonzero(keep[present[:, kind], kind])
+    out[group] = {k: stack[k][index] for k in names}
+  return out
 
 
-def embed(params: Params, tokens: jax.Array, dtype) -> jax.Array:
-  return params["embed"][tokens].astype(dtype)
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, keep):
+  model = nnx.merge(graphdef, state)
+  return model.logits(model.hidden(tokens, keep))
 
 
-def lm_head_weight(params: Params) -> jax.Array:
-  """`[D, V]`: the output projection (the embedding, transposed, when tied)."""
-  return params["lm_head"] if "lm_head" in params else params["embed"].T
+def _nest(group: Params, paths: dict) -> dict:
+  out = {}
+  for name, (attr, var) in paths.items():
+    out[attr] = {var: group.get(name)}
+  return out
 
 
-def final_logits(params: Params, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
-  """Final norm and LM head, logits in float32."""
-  x = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-  w = lm_head_weight(params).astype(x.dtype)
-  return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+def _check_and_fill(state: nnx.State, pure: dict) -> None:
+  """Puts the leaves of `pure` into the abstract `state`, checking that each exists with the
+  expected shape."""
+  def fill(path, var):
+    value = pure
+    for p in path:
+      value = value.get(p.key) if isinstance(value, dict) else None
+    name = "/".join(str(p.key) for p in path)
+    if value is None:
+      raise ValueError(f"parameter {name} is missing")
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f"parameter {name} has shape {tuple(value.shape)}, expected "
+                       f"{tuple(var.shape)}")
+    var.set_value(value)
+    return var
+
+  jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def run_layers(params: Params, cfg: LlamaConfig, h: jax.Array, keep=None, *,
-               collect: bool = False):
-  """Runs the layer stack on the residual stream h `[B, T, D]`.
-
-  Returns the final stream, and with `collect=True` also the stream at every sublayer boundary,
-  `[2L, B, T, D]`, where entry s is the input of sublayer s (the prefix cache of the scorer).
-  """
-  rope = rope_tables(cfg, h.shape[1])
-  if keep is None:
-    keep = jnp.ones((cfg.num_layers, 2), bool)
-
-  def block(h, xs):
-    lp, keep_l = xs
-    h_attn_in = h
-    h = apply_sublayer(lp, ATTN, h, rope, cfg, keep_l[0])
-    h_ffn_in = h
-    h = apply_sublayer(lp, FFN, h, rope, cfg, keep_l[1])
-    return h, (jnp.stack([h_attn_in, h_ffn_in]) if collect else None)
-
-  h, inputs = jax.lax.scan(block, h, (params["layers"], jnp.asarray(keep, bool)))
-  if collect:
-    return h, inputs.reshape((2 * cfg.num_layers,) + h.shape)
-  return h
+def logical_axes(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """The logical axes of each checkpoint-layout parameter, read off the model's own variables."""
+  model = nnx.eval_shape(lambda: Llama(cfg))
+  axes = lambda var: tuple(var.get_metadata()["out_sharding"])
+  out = {"embed": axes(model.embed.embedding), "final_norm": axes(model.final_norm.weight)}
+  if model.lm_head is not None:
+    out["lm_head"] = axes(model.lm_head.kernel)
+  for stack, paths in ((model.layers.attn, _ATTN_PATHS), (model.layers.mlp, _FFN_PATHS)):
+    for name, (attr, var) in paths.items():
+      out[name] = axes(getattr(getattr(stack, attr), var))
+  return out
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, keep=None, *,
             dtype=None) -> jax.Array:
-  """Logits `[B, T, V]` (float32) of int tokens `[B, T]`; `keep` `[L, 2]` removes sublayers."""
-  dtype = dtype or params["embed"].dtype
-  h = run_layers(params, cfg, embed(params, tokens, dtype), keep)
-  return final_logits(params, h, cfg)
-
-
-# ----------------------------------------------------------------------------- the NNX module
-
-
-class Llama(nnx.Module):
-  """Flax NNX Llama-family decoder; `model(tokens, keep=None)` returns float32 logits.
-
-  Its parameters are the functional core's pytree (`model.params()`), so the scorer can split
-  them off, shard and vmap over them.
-  """
-
-  def __init__(self, config: LlamaConfig, params: Params | None = None, *,
-               rngs: nnx.Rngs | None = None, param_dtype=jnp.float32, dtype=None):
-    self.config = config
-    self.dtype = dtype
-    if params is None:
-      rngs = rngs or nnx.Rngs(0)
-      params = init_params(config, rngs.params(), param_dtype)
-    shapes = param_shapes(config)
-    _check_shapes(params, shapes)
-    self.embed = nnx.Param(params["embed"])
-    self.layers = nnx.data({k: nnx.Param(params["layers"][k]) for k in LAYER_PARAM_NAMES})
-    self.final_norm = nnx.Param(params["final_norm"])
-    self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
-
-  def params(self) -> Params:
-    """The parameter pytree of the functional core."""
-    p = {"embed": self.embed[...], "layers": {k: v[...] for k, v in self.layers.items()},
-         "final_norm": self.final_norm[...]}
-    if self.lm_head is not None:
-      p["lm_head"] = self.lm_head[...]
-    return p
-
-  def __call__(self, tokens: jax.Array, keep=None) -> jax.Array:
-    return forward(self.params(), self.config, tokens, keep, dtype=self.dtype)
-
-
-def _check_shapes(params: Params, shapes: Params):
-  expected = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
-  for path, shape in expected:
-    name = jax.tree_util.keystr(path)
-    try:
-      value = params
-      for p in path:
-        value = value[p.key]
-    except (KeyError, TypeError):
-      raise ValueError(f"parameter {name} is missing") from None
-    if tuple(value.shape) != tuple(shape):
-      raise ValueError(f"parameter {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+  """Logits `[B, T, V]` (float32) of a model given as checkpoint-layout parameters; traceable."""
+  model = Llama.from_params(cfg, params, dtype=dtype)
+  return model.logits(model.hidden(jnp.asarray(tokens), keep))

@@ -47,13 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from finercut_jax import distributed, divergence
 from finercut_jax.config import LlamaConfig
-from finercut_jax.model import (Params, apply_stacked_sublayer, embed, final_logits, rope_tables,
-                                run_layers)
-from finercut_jax.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_params
+from finercut_jax.model import Llama
+from finercut_jax.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_state
 
 BACKENDS = ("jit", "pmap")
 # The per-chunk arrays of `Scorer.layout`, in the device program's argument order.
@@ -112,18 +112,18 @@ def sublayer_flops(cfg: LlamaConfig, num_sequences: int, seq_len: int) -> tuple[
 
 
 class Scorer:
-  """Scores removal candidates of a model on a fixed calibration set.
+  """Scores removal candidates of a `Llama` on a fixed calibration set.
 
   `scores, stats = scorer.score(keep, candidates)` with `keep` `[L, 2]` the current pruned model
   and `candidates` a list of `Candidate`: `scores[i]` is the metric of the model with candidate i
   removed as well. `score_step` is the search's form, with early termination.
   """
 
-  def __init__(self, params: Params, cfg: LlamaConfig, tokens: np.ndarray, *, metric: str = "js",
+  def __init__(self, model: Llama, tokens: np.ndarray, *, metric: str = "js",
                chunk_width: int = 1, position_block: int = 512, mesh=None, backend: str = "jit",
                max_candidates: int | None = None, state_every: int = 2,
-               state_memory: float = 2 * 2**30, dtype=None):
-    self.cfg = cfg
+               state_memory: float = 2 * 2**30):
+    self.cfg = cfg = model.config
     self.metric = divergence.check_metric(metric)
     if backend not in BACKENDS:
       raise ValueError(f"unknown scorer backend {backend!r}; choose one of {BACKENDS}")
@@ -140,11 +140,14 @@ class Scorer:
     self.position_block = _largest_divisor_at_most(t, position_block)
     self.chunk_width = chunk_width
     self.num_sublayers = cfg.num_sublayers
-    self.dtype = dtype or params["embed"].dtype
-    # Abstract parameters (`jax.ShapeDtypeStruct` leaves) make an abstract scorer: nothing is
+    self.dtype = model.compute_dtype
+    # The device programs run the model's own modules: `nnx.merge(self.graphdef, state)` inside
+    # them, with the state (its parameters) sharded over the mesh.
+    self.graphdef, state = nnx.split(model)
+    # An abstract model (`jax.ShapeDtypeStruct` leaves) makes an abstract scorer: nothing is
     # computed or allocated, and `lower()` gives its programs for ahead-of-time compilation.
-    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-    self.params = shard_params(params, self.mesh, cfg)
+    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    self.params = shard_state(state, self.mesh, cfg)
     self._flops = sublayer_flops(cfg, n, t)
 
     d = self.mesh.shape[CAND]
@@ -167,7 +170,7 @@ class Scorer:
 
     rep = replicated(self.mesh)
     cand_sharding = NamedSharding(self.mesh, P(CAND))
-    self.h0 = self._build(lambda p: embed(p, jnp.asarray(self.tokens), self.dtype), rep,
+    self.h0 = self._build(lambda p: self._model(p).embed_tokens(jnp.asarray(self.tokens)), rep,
                           self.params)
     self.targets, self.weights = (
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) if self.abstract
@@ -238,21 +241,25 @@ class Scorer:
 
   # ------------------------------------------------------------------ device programs
 
+  def _model(self, params) -> Llama:
+    return nnx.merge(self.graphdef, params)
+
   def _reference(self, params, h0):
-    h = run_layers(params, self.cfg, h0)
-    logits = final_logits(params, h, self.cfg).reshape(self.positions, -1)
+    model = self._model(params)
+    h = model.layers(h0, np.arange(self.tokens.shape[1]))
+    logits = model.logits(h).reshape(self.positions, -1)
     ref = divergence.reference(self.metric, logits)
     return jnp.zeros((self.positions, 1), jnp.float32) if ref is None else ref
 
   def _prefix_program(self, params, prefix, h0, keep_flat, first):
     """Recomputes the prefix cache from sublayer `first` on (from the embeddings if 0)."""
-    rope = rope_tables(self.cfg, self.tokens.shape[1])
+    layers, positions = self._model(params).layers, np.arange(self.tokens.shape[1])
     h = jnp.where(first == 0, h0, prefix[first])
 
     def body(j, carry):
       h, prefix = carry
       prefix = prefix.at[j].set(h)
-      return apply_stacked_sublayer(params["layers"], j, h, rope, self.cfg, keep_flat[j]), prefix
+      return layers.sublayer(j, h, positions, keep_flat[j]), prefix
 
     return jax.lax.fori_loop(first, self.num_sublayers, body, (h, prefix))[1]
 
@@ -266,11 +273,11 @@ class Scorer:
 
     Returns (scores, the sequence each candidate stopped at, updated states).
     """
-    cfg, metric = self.cfg, self.metric
+    metric = self.metric
     num_sub, pb = self.num_sublayers, self.position_block
     every, reuse = self.state_every, self.num_states > 0
     n, t = self.tokens.shape
-    rope = rope_tables(cfg, t)
+    model, positions = self._model(params), np.arange(t)
     width = slot.shape[-1]
     rows = lambda x: x[:, None, None]  # a per-candidate flag against [W, T, D]
 
@@ -285,8 +292,7 @@ class Scorer:
             old = states[slot, j // every, g]
             return states.at[slot, j // every, g].set(jnp.where(rows(j >= resume), h, old))
           states = jax.lax.cond(j % every == 0, keep_state, lambda s: s, states)
-        run = lambda x: apply_stacked_sublayer(params["layers"], j, x[None], rope, cfg,
-                                               keep_flat[j])[0]
+        run = lambda x: model.layers.sublayer(j, x[None], positions, keep_flat[j])[0]
         return jnp.where(rows(j >= resume), jax.vmap(run)(h), h), states
 
       return jax.lax.fori_loop(jnp.min(resume), num_sub, body, (h, states))
@@ -296,7 +302,7 @@ class Scorer:
 
       def block(i, acc):
         at = g * t + i * pb
-        logits = final_logits(params, jax.lax.dynamic_slice_in_dim(h, i * pb, pb, axis=1), cfg)
+        logits = model.logits(jax.lax.dynamic_slice_in_dim(h, i * pb, pb, axis=1))
         ref = jax.lax.dynamic_slice_in_dim(reference, at, pb)
         tb = jax.lax.dynamic_slice_in_dim(targets, at, pb)
         wb = jax.lax.dynamic_slice_in_dim(weights, at, pb)

@@ -16,22 +16,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 CAND, MODEL = "cand", "model"
 
-# Logical axes of each parameter, in the layout of model.py.
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "attn_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "q_heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "wo": ("layers", "q_heads", "embed"),
-    "ffn_norm": ("layers", "embed"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
-
 # Megatron-style tensor parallelism: heads and FFN hidden units split, the residual stream whole.
 RULES = {"q_heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL,
          "embed": None, "layers": None}
@@ -74,26 +58,56 @@ def logical_spec(axes, shape, mesh: Mesh, units: dict | None = None) -> P:
   return P(*spec)
 
 
-def param_sharding_fn(mesh: Mesh, cfg=None):
-  """`sharding_fn(name, shape)` for `loading.load_params`; `cfg` (a LlamaConfig) keeps heads whole."""
-  units = {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads} if cfg is not None else {}
+def _head_units(cfg) -> dict:
+  """Heads are never split across devices: a mesh axis must divide the head count."""
+  return {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
+
+
+def param_sharding_fn(mesh: Mesh, cfg):
+  """`sharding_fn(name, shape)` for `loading.load_params`: a checkpoint-layout parameter placed by
+  the logical axes the model declares for it (`model.logical_axes`)."""
+  from finercut_jax.model import logical_axes
+  axes, units = logical_axes(cfg), _head_units(cfg)
+
   def fn(name, shape):
-    return NamedSharding(mesh, logical_spec(PARAM_AXES[name], shape, mesh, units))
+    return NamedSharding(mesh, logical_spec(axes[name], shape, mesh, units))
   return fn
 
 
-def shard_params(params, mesh: Mesh, cfg=None):
-  """Places an existing parameter pytree on the mesh according to `RULES`; abstract leaves
-  (`jax.ShapeDtypeStruct`) get the sharding attached instead."""
+def _place(x, sharding):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.device_put(x, sharding)
+
+
+def shard_params(params, mesh: Mesh, cfg):
+  """Places a checkpoint-layout parameter pytree on the mesh according to `RULES`; abstract
+  leaves (`jax.ShapeDtypeStruct`) get the sharding attached instead."""
   fn = param_sharding_fn(mesh, cfg)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: _place(x, fn(path[-1].key, x.shape)), params)
 
-  def place(path, x):
-    sharding = fn(path[-1].key, x.shape)
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.device_put(x, sharding)
 
-  return jax.tree_util.tree_map_with_path(place, params)
+def state_shardings(state, mesh: Mesh, cfg):
+  """The `NamedSharding` of every variable of an `nnx.State`, from the logical axes each one
+  carries (`out_sharding` metadata); a variable without them is replicated."""
+  from flax import nnx
+  units = _head_units(cfg)
+
+  def spec(var):
+    axes = var.get_metadata().get("out_sharding")
+    return NamedSharding(mesh, logical_spec(axes, var.shape, mesh, units) if axes else P())
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state, mesh: Mesh, cfg):
+  """An `nnx.State` (of a `Llama`) placed on the mesh by its variables' logical axes; abstract
+  leaves get the sharding attached instead."""
+  from flax import nnx
+  return jax.tree.map(lambda var, sharding: var.replace(_place(var.get_value(), sharding)), state,
+                      state_shardings(state, mesh, cfg),
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

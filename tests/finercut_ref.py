@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finercut_jax.config import LlamaConfig
-from finercut_jax.model import forward, param_shapes
+from finercut_jax.model import Llama, forward, param_shapes
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=6, num_heads=8,
                    num_kv_heads=4, head_dim=4, rope_theta=10000.0, tie_embeddings=False)
@@ -203,7 +203,7 @@ def shared_scorer(metric: str):
   from finercut_jax.scorer import Scorer
   from finercut_jax.sharding import make_mesh
   cfg, params, tokens = tiny_model()
-  return Scorer(params, cfg, tokens, metric=metric, chunk_width=1, position_block=POSITION_BLOCK,
+  return Scorer(Llama.from_params(cfg, params), tokens, metric=metric, chunk_width=1, position_block=POSITION_BLOCK,
                 mesh=make_mesh(1, 1), max_candidates=2 * cfg.num_layers)
 
 

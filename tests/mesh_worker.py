@@ -20,6 +20,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import finercut_ref as R  # noqa: E402
+from finercut_jax.model import Llama  # noqa: E402
 from finercut_jax.scorer import Scorer  # noqa: E402
 from finercut_jax.search import SearchSpec, greedy_search  # noqa: E402
 from finercut_jax.sharding import make_mesh  # noqa: E402
@@ -39,12 +40,12 @@ def main(out_path, specs):
         settings = dict(metric="js", chunk_width=int(width), position_block=R.POSITION_BLOCK,
                         mesh=make_mesh(int(cand), int(model)), backend=backend,
                         max_candidates=2 * cfg.num_layers)
-        scorer = Scorer(params, cfg, tokens, **settings)
+        scorer = Scorer(Llama.from_params(cfg, params), tokens, **settings)
         steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
         # The abstract scorer (ahead-of-time sizing) must lower the same sharded programs.
         abstract_matches = None
         if backend == "jit":
-          abstract = Scorer(R.abstract_params(params), cfg, tokens, **settings)
+          abstract = Scorer(Llama.from_params(cfg, R.abstract_params(params)), tokens, **settings)
           ours, theirs = abstract.lower(), scorer.lower()
           abstract_matches = all(ours[k].as_text() == theirs[k].as_text() for k in theirs)
       except Exception:  # reported by this config's test; the other configs still run

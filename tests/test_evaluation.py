@@ -129,23 +129,22 @@ def test_kv_cache_decode_matches_full_forward(tiny_params):
   prompt = np.zeros((B, 8), np.int32)
   for r in range(B):
     prompt[r, :lengths[r]] = tokens[r, :lengths[r]]
-  sched = jnp.asarray(model.schedule)
-  cache = decode.init_cache(TINY, model.num_attn, B, 16, jnp.float32)
-  logits, cache = decode.prefill(model.params, sched, jnp.asarray(prompt), jnp.asarray(lengths),
-                                 cache, cfg=TINY, dtype="float32")
+  cache = model.model.init_cache(B, 16)
+  logits, cache = decode.prefill(model.graphdef, model.state, jnp.asarray(prompt),
+                                 jnp.asarray(lengths), cache)
   np.testing.assert_allclose(np.asarray(logits), full[np.arange(B), lengths - 1], atol=1e-4)
   pos = lengths.copy()
   for _ in range(4):  # teacher-forced single-token steps, each row at its own position
     tok = tokens[np.arange(B), pos][:, None]
-    logits, cache = decode.forward_step(model.params, sched, jnp.asarray(tok), cache,
-                                        jnp.asarray(pos[:, None]), cfg=TINY, dtype="float32")
+    logits, cache = decode.forward_step(model.graphdef, model.state, jnp.asarray(tok), cache,
+                                        jnp.asarray(pos[:, None]))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(B), pos], atol=1e-4)
     pos += 1
   # A multi-token chunk after the cached prefix (chunked prefill).
   chunk = np.stack([tokens[r, pos[r]:pos[r] + 2] for r in range(B)])
   positions = pos[:, None] + np.arange(2)
-  logits, cache = decode.forward_step(model.params, sched, jnp.asarray(chunk), cache,
-                                      jnp.asarray(positions), cfg=TINY, dtype="float32")
+  logits, cache = decode.forward_step(model.graphdef, model.state, jnp.asarray(chunk), cache,
+                                      jnp.asarray(positions))
   for r in range(B):
     np.testing.assert_allclose(np.asarray(logits)[r], full[r, positions[r]], atol=1e-4)
 
@@ -167,10 +166,9 @@ def test_kv_cache_without_attention_sublayers(tiny_params):
   tokens = np.random.default_rng(3).integers(0, 97, (3, 9)).astype(np.int32)
   full = _dense_logits(tiny_params, TINY, tokens, keep)
   lengths = np.array([8, 8, 8], np.int32)
-  cache = decode.init_cache(TINY, 0, 3, 16, jnp.float32)
-  logits, cache = decode.prefill(model.params, jnp.asarray(model.schedule),
-                                 jnp.asarray(tokens[:, :8]), jnp.asarray(lengths), cache,
-                                 cfg=TINY, dtype="float32")
+  cache = model.model.init_cache(3, 16)
+  logits, cache = decode.prefill(model.graphdef, model.state, jnp.asarray(tokens[:, :8]),
+                                 jnp.asarray(lengths), cache)
   np.testing.assert_allclose(np.asarray(logits), full[:, 7], atol=1e-4)
 
 

@@ -24,7 +24,7 @@ from finercut_jax import checkpoint, data, main
 from finercut_jax import search as search_module
 from finercut_jax.defaults import base_config
 from finercut_jax.model import param_shapes
-from finercut_jax.pruned import ATTN_PARAM_NAMES, FFN_PARAM_NAMES
+from finercut_jax.model import ATTN_PARAM_NAMES, FFN_PARAM_NAMES
 from hf_tiny import make_hf_model, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,6 +6,8 @@ on the two sides gives differences of ~1e-6..2e-5 (measured); 1e-4 leaves a safe
 real mismatch (a RoPE frequency, a norm weight not applied, a wrong GQA head mapping, a mask
 misread) moves logits by 1e-2 or more.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,10 +161,66 @@ def test_param_shapes_are_checked():
                                  num_heads=2, num_kv_heads=1, head_dim=4)
   params = jax.tree.map(np.zeros, finercut_jax.model.param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
-  finercut_jax.Llama(cfg, params)  # the right shapes are accepted
+  finercut_jax.Llama.from_params(cfg, params)  # the right shapes are accepted
   params["layers"]["wk"] = params["layers"]["wk"][:, :, :2]
-  with pytest.raises(ValueError, match=r"wk.*shape \(2, 8, 2\).*expected \(2, 8, 4\)"):
-    finercut_jax.Llama(cfg, params)
+  with pytest.raises(ValueError, match=r"k_proj.*shape \(2, 8, 2\).*expected \(2, 8, 4\)"):
+    finercut_jax.Llama.from_params(cfg, params)
   del params["final_norm"]
   with pytest.raises(ValueError, match="final_norm.*missing"):
-    finercut_jax.Llama(cfg, params)
+    finercut_jax.Llama.from_params(cfg, params)
+
+
+def readme_example() -> str:
+  """The README's "Use it from your own JAX code" example, as written there."""
+  text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  after = text.split("<!-- example: tests/test_model.py runs this block", 1)[1]
+  return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_runs(tmp_path):
+  """The example runs as written on the default model (only the output directory moved)."""
+  code = readme_example()
+  assert code.count("/tmp/pruned_example") == 2
+  code = code.replace("/tmp/pruned_example", str(tmp_path / "pruned"))
+  scope = {}
+  exec(compile(code, "README.md example", "exec"), scope)
+  # What it claims holds: the restored checkpoint is the pruned model.
+  pruned, restored, tokens = scope["pruned"], scope["restored"], scope["tokens"]
+  np.testing.assert_array_equal(restored.present, scope["keep"])
+  np.testing.assert_allclose(np.asarray(restored(tokens)), np.asarray(scope["logits"]),
+                             rtol=0, atol=1e-5)
+  assert scope["keep"].sum() == 2 * pruned.config.num_layers - 2
+  assert len(jax.tree.leaves(scope["lora_params"])) == 2
+
+
+def test_calls_do_not_recompile(tiny):
+  """`model(tokens)` compiles once per structure and shape: a second call, and another model of
+  the same structure, reuse the program."""
+  _, _, model, tokens = tiny
+  model(tokens)
+  size = finercut_jax.model._forward._cache_size()
+  model(tokens)
+  finercut_jax.Llama.from_params(model.config, model.params())(tokens)
+  assert finercut_jax.model._forward._cache_size() == size
+
+
+def test_partition_specs_come_from_the_model():
+  """Each parameter's logical axes live on the parameter; the mesh rules turn them into specs,
+  keeping heads whole where the model axis does not divide them."""
+  from jax.sharding import AbstractMesh, PartitionSpec as P
+  from finercut_jax import sharding
+  cfg = finercut_jax.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12,
+                                 num_layers=2, num_heads=4, num_kv_heads=1, head_dim=2)
+  model = nnx.eval_shape(lambda: finercut_jax.Llama(cfg))
+  attn = model.layers.attn
+  assert attn.q_proj.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "q_heads")
+  mesh = AbstractMesh((2, 2), ("cand", "model"))
+  specs = sharding.state_shardings(nnx.state(model), mesh, cfg)
+  layers = specs["layers"]
+  assert layers["attn"]["q_proj"]["kernel"].spec == P(None, None, "model")
+  assert layers["attn"]["k_proj"]["kernel"].spec == P(None, None, None)  # 1 KV head: whole
+  assert layers["mlp"]["down_proj"]["kernel"].spec == P(None, "model", None)
+  assert specs["embed"]["embedding"].spec == P("model", None)
+  # The loader places checkpoint-layout tensors by the same axes.
+  fn = sharding.param_sharding_fn(mesh, cfg)
+  assert fn("wq", (2, 8, 8)).spec == P(None, None, "model")

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import finercut_ref as R
 from finercut_jax import checkpoint, divergence, io, main
 from finercut_jax import search as search_module
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run
+from finercut_jax.model import Llama
 from finercut_jax.scorer import NonFiniteError, Scorer
 from hf_tiny import make_hf_model, save_hf_model
 from test_distributed import finish, start
@@ -93,16 +95,16 @@ def test_nonfinite_outputs_are_errors_not_scores():
   pool = search_module.SearchSpec(cfg.num_layers).pool_candidates()
   for metric in divergence.METRICS:
     if metric == "ppl":  # no dense reference to check: every candidate's score is refused
-      scorer = Scorer(huge, cfg, tokens, metric=metric, position_block=R.POSITION_BLOCK)
+      scorer = Scorer(Llama.from_params(cfg, huge), tokens, metric=metric, position_block=R.POSITION_BLOCK)
       with pytest.raises(NonFiniteError, match="removing attn0, ffn0, .* gives non-finite"):
         scorer.score_step(keep, pool)
       continue
     with pytest.raises(NonFiniteError, match="dense model's outputs are NaN/inf at 16 of 16"):
-      Scorer(huge, cfg, tokens, metric=metric, position_block=R.POSITION_BLOCK)
+      Scorer(Llama.from_params(cfg, huge), tokens, metric=metric, position_block=R.POSITION_BLOCK)
   # Candidates whose outputs overflow while the dense reference is finite: named, and the one
   # that removes the overflowing FFN is not among them.
-  scorer = Scorer(params, cfg, tokens, metric="js", position_block=R.POSITION_BLOCK)
-  scorer.params = huge
+  scorer = Scorer(Llama.from_params(cfg, params), tokens, metric="js", position_block=R.POSITION_BLOCK)
+  scorer.params = nnx.state(Llama.from_params(cfg, huge))  # swapped in after the dense check
   with pytest.raises(NonFiniteError, match="gives non-finite") as e:
     scorer.score_step(keep, pool)
   assert "ffn1" not in str(e.value) and "attn0" in str(e.value)
@@ -223,7 +225,7 @@ def test_unchanged_checkpoint_is_not_rewritten(tmp_path):
   assert os.stat(meta).st_mtime_ns == before, "rewritten"
   checkpoint.save_pruned(directory, model.config, model.params(), ~keep, source=src)
   assert os.stat(meta).st_mtime_ns != before, "a changed checkpoint was not rewritten"
-  np.testing.assert_array_equal(checkpoint.restore_pruned(directory)[0].keep, ~keep)
+  np.testing.assert_array_equal(checkpoint.restore_pruned(directory)[0].present, ~keep)
 
 
 # ----------------------------------------------------------------------------- 8. bad input

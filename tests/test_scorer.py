@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
+from finercut_jax.model import Llama
 from finercut_jax.scorer import Candidate, Scorer
 from finercut_jax.sharding import make_mesh
 
@@ -86,7 +87,7 @@ def test_state_memory_budget(states):
   from finercut_jax.search import SearchSpec, greedy_search
   cfg, params, tokens = R.tiny_model()
   one_state = tokens.size * cfg.hidden_size * 4  # float32 N*T*D
-  scorer = Scorer(params, cfg, tokens, metric="js", position_block=R.POSITION_BLOCK,
+  scorer = Scorer(Llama.from_params(cfg, params), tokens, metric="js", position_block=R.POSITION_BLOCK,
                   mesh=make_mesh(1, 1), state_memory=states * one_state * 2 * L)
   assert scorer.num_states == states and scorer.states.nbytes == states * one_state * 2 * L
   if states:
@@ -104,11 +105,11 @@ def test_bad_calls_are_refused():
     scorer.score(dense(), sublayer_candidates(dense()) + [Candidate(0, 2)])
   cfg, params, tokens = R.tiny_model()
   with pytest.raises(ValueError, match="metric"):
-    Scorer(params, cfg, tokens, metric="bogus")
+    Scorer(Llama.from_params(cfg, params), tokens, metric="bogus")
   with pytest.raises(ValueError, match="backend"):
-    Scorer(params, cfg, tokens, backend="bogus")
+    Scorer(Llama.from_params(cfg, params), tokens, backend="bogus")
   with pytest.raises(ValueError, match="pmap"):
-    Scorer(params, cfg, tokens, backend="pmap", mesh=make_mesh(4, 2))
+    Scorer(Llama.from_params(cfg, params), tokens, backend="pmap", mesh=make_mesh(4, 2))
 
 
 def test_step_accounting():
@@ -197,8 +198,8 @@ def test_abstract_scorer_lowers_the_same_programs():
   the compiled step's arguments are the arrays the concrete scorer holds."""
   cfg, params, tokens = R.tiny_model()
   kwargs = dict(metric="js", chunk_width=2, max_candidates=2 * L)
-  concrete = Scorer(params, cfg, tokens, **kwargs)
-  abstract = Scorer(R.abstract_params(params), cfg, tokens, **kwargs)
+  concrete = Scorer(Llama.from_params(cfg, params), tokens, **kwargs)
+  abstract = Scorer(Llama.from_params(cfg, R.abstract_params(params)), tokens, **kwargs)
   assert abstract.abstract and not concrete.abstract
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(
       (abstract.params, abstract.prefix, abstract.states, abstract.reference)))

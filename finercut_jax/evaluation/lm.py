@@ -1,8 +1,8 @@
 """The model side of evaluation: any dense or pruned model as one jit-compiled scoring engine.
 
-`EvalModel` wraps a `Llama` (dense) or a `PrunedLlama` in the pruned layout (kept attention and
-FFN sublayers stacked apart, plus the schedule), so perplexity, benchmarks, the lm-eval adapter,
-throughput and KV-cache decoding all run one code path, and removed sublayers cost nothing.
+`EvalModel` wraps a dense or pruned `Llama` (a pruned one holds only its kept sublayers), so
+perplexity, benchmarks, the lm-eval adapter, throughput and KV-cache decoding all run the model's
+own modules, and removed sublayers cost nothing.
 
 Log-likelihood scoring (`loglikelihood_tokens`) follows lm-evaluation-harness: the model reads
 `(context + continuation)[-(max_length+1):][:-1]` and the continuation's tokens are scored at the
@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
-from finercut_jax.model import Llama, Params, embed, final_logits
-from finercut_jax.pruned import (ATTN_PARAM_NAMES, FFN_PARAM_NAMES, PrunedLlama, make_schedule,
-                                 pruned_hidden)
+from finercut_jax.model import Llama, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +39,22 @@ class ScoringConfig:
   max_length: int = 2048  # the harness's max_length: longer inputs are truncated on the left
 
 
-@dataclasses.dataclass
 class EvalModel:
-  """A dense or pruned model in the pruned layout: `params` {'embed', 'attn', 'ffn', ...}."""
-  cfg: LlamaConfig
-  params: Params
-  keep: np.ndarray  # [L, 2] bool
-  name: str = "model"
-  dtype: object = None
+  """A dense or pruned `Llama` under a name. Its compiled calls take the model split once into
+  graph and state (`nnx.split`), so nothing is re-split or recompiled per batch."""
+
+  def __init__(self, model: Llama, name: str = "model"):
+    self.model, self.name = model, name
+    self.graphdef, self.state = nnx.split(model)
 
   @property
-  def schedule(self) -> np.ndarray:
-    return make_schedule(self.keep)
+  def cfg(self) -> LlamaConfig:
+    return self.model.config
+
+  @property
+  def keep(self) -> np.ndarray:
+    """`[L, 2]`: the sublayers the model holds."""
+    return self.model.present
 
   @property
   def num_attn(self) -> int:
@@ -65,66 +69,47 @@ class EvalModel:
     return int((~self.keep).sum())
 
   def num_params(self) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(self.params)))
+    return self.model.num_params()
+
+  @property
+  def compute_dtype(self):
+    return self.model.compute_dtype
 
   @classmethod
   def wrap(cls, model, name: str | None = None) -> "EvalModel":
-    """From a `Llama`, a `PrunedLlama` or an `EvalModel` (returned unchanged)."""
+    """From a `Llama` (dense or pruned) or an `EvalModel` (returned unchanged)."""
     if isinstance(model, EvalModel):
       return model
-    if isinstance(model, PrunedLlama):
-      return cls(model.config, model.params(), np.asarray(model.keep, bool),
-                 name or "pruned", model.dtype)
     if isinstance(model, Llama):
-      return cls.from_dense(model.config, model.params(), name=name or "dense", dtype=model.dtype)
-    raise TypeError(f"cannot evaluate a {type(model).__name__}: pass a Llama or a PrunedLlama")
+      return cls(model, name or ("dense" if model.present.all() else "pruned"))
+    raise TypeError(f"cannot evaluate a {type(model).__name__}: pass a Llama")
 
   @classmethod
   def from_dense(cls, cfg: LlamaConfig, params: Params, keep=None, *, name: str = "dense",
                  dtype=None) -> "EvalModel":
-    """Dense params with an optional keep mask; the all-kept case shares the dense arrays."""
-    L = cfg.num_layers
-    keep = np.ones((L, 2), bool) if keep is None else np.asarray(keep, bool)
-    layers = params["layers"]
-    if keep.all():
-      pruned = {k: v for k, v in params.items() if k != "layers"}
-      pruned["attn"] = {k: layers[k] for k in ATTN_PARAM_NAMES}
-      pruned["ffn"] = {k: layers[k] for k in FFN_PARAM_NAMES}
-    else:
-      from finercut_jax.pruned import prune_params
-      pruned = prune_params(params, keep)
-    return cls(cfg, pruned, keep, name, dtype)
-
-  @property
-  def compute_dtype(self):
-    return self.dtype or self.params["embed"].dtype
+    """Dense checkpoint-layout params with an optional keep mask (removed sublayers dropped)."""
+    model = Llama.from_params(cfg, params, dtype=dtype)
+    return cls(model if keep is None else model.prune(keep), name)
 
   # -------------------------------------------------------------------------- compiled calls
 
   def score_slots(self, tokens: np.ndarray, slot_pos: np.ndarray, slot_tgt: np.ndarray):
     """Log-probabilities and greedy flags `[B, C]` of `slot_tgt` at positions `slot_pos`."""
-    return _score_slots(self.params, jnp.asarray(self.schedule), jnp.asarray(tokens),
-                        jnp.asarray(slot_pos), jnp.asarray(slot_tgt), cfg=self.cfg,
-                        dtype=jnp.dtype(self.compute_dtype).name)
+    return _score_slots(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(slot_pos),
+                        jnp.asarray(slot_tgt))
 
   def logits(self, tokens: np.ndarray) -> jax.Array:
     """Full logits `[B, T, V]` (float32); for tests and small inputs."""
-    return _logits(self.params, jnp.asarray(self.schedule), jnp.asarray(tokens), cfg=self.cfg,
-                   dtype=jnp.dtype(self.compute_dtype).name)
+    return self.model(jnp.asarray(tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _logits(params, schedule, tokens, *, cfg, dtype):
-  h = pruned_hidden(params, cfg, schedule, embed(params, tokens, jnp.dtype(dtype)))
-  return final_logits(params, h, cfg)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _score_slots(params, schedule, tokens, slot_pos, slot_tgt, *, cfg, dtype):
-  h = pruned_hidden(params, cfg, schedule, embed(params, tokens, jnp.dtype(dtype)))
+@functools.partial(jax.jit, static_argnums=0)
+def _score_slots(graphdef, state, tokens, slot_pos, slot_tgt):
+  model = nnx.merge(graphdef, state)
+  h = model.hidden(tokens)
   # Only the scored positions go through the LM head: [B, C, D] -> [B, C, V].
   h = jnp.take_along_axis(h, slot_pos[..., None], axis=1)
-  logp = jax.nn.log_softmax(final_logits(params, h, cfg), axis=-1)
+  logp = jax.nn.log_softmax(model.logits(h), axis=-1)
   target_logp = jnp.take_along_axis(logp, slot_tgt[..., None], axis=-1)[..., 0]
   greedy = jnp.argmax(logp, axis=-1) == slot_tgt
   return target_logp, greedy

@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model backed by the JAX model, dense or pruned.
 
     from finercut_jax.evaluation.lm_eval_adapter import JaxLM
-    lm = JaxLM(model, tokenizer)            # a Llama, a PrunedLlama or an EvalModel
+    lm = JaxLM(model, tokenizer)            # a dense or pruned Llama, or an EvalModel
     lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=...)
 
 Tokenization follows lm-eval 0.4.13's HFLM (its `TemplateLM` base splits context and continuation;

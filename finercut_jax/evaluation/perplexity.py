@@ -13,11 +13,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from finercut_jax import distributed
 from finercut_jax.evaluation.lm import EvalModel
-from finercut_jax.model import embed, final_logits
-from finercut_jax.pruned import pruned_hidden
 
 
 class HeldOutError(ValueError):
@@ -47,11 +46,11 @@ def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int, *,
   return np.asarray(stream[offset:offset + num_tokens], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def window_nll(params, schedule, windows, *, cfg, dtype):
+@functools.partial(jax.jit, static_argnums=0)
+def window_nll(graphdef, state, windows):
   """Summed next-token NLL of each window `[B, T]` over its T-1 predictions, float32 `[B]`."""
-  h = pruned_hidden(params, cfg, schedule, embed(params, windows, jnp.dtype(dtype)))
-  logp = jax.nn.log_softmax(final_logits(params, h[:, :-1], cfg), axis=-1)
+  model = nnx.merge(graphdef, state)
+  logp = jax.nn.log_softmax(model.logits(model.hidden(windows)[:, :-1]), axis=-1)
   tgt = jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
   return -jnp.sum(tgt, axis=-1)
 
@@ -67,8 +66,6 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 4) -> 
   if n == 0:
     raise HeldOutError(f"{len(tokens)} held-out tokens make no window of {seq_len}")
   windows = tokens[:n * seq_len].reshape(n, seq_len)
-  schedule = jnp.asarray(model.schedule)
-  dtype = jnp.dtype(model.compute_dtype).name
   batch_size = min(batch_size, n)
   total = 0.0
   for b0 in range(0, n, batch_size):
@@ -76,7 +73,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 4) -> 
     real = len(batch)
     if real < batch_size:  # pad with copies so one shape compiles; their NLL is dropped
       batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
-    nll = window_nll(model.params, schedule, jnp.asarray(batch), cfg=model.cfg, dtype=dtype)
+    nll = window_nll(model.graphdef, model.state, jnp.asarray(batch))
     total += float(distributed.gather(nll).astype(np.float64)[:real].sum())
   count = n * (seq_len - 1)
   mean = total / count

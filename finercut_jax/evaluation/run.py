@@ -219,8 +219,7 @@ def _load_model(run_dir, run_config, key, masks, mesh, dense_model):
                               f"finercut_jax.main with this run's config to write it") from None
     if dense_model is None:
       dense_model = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
-    return (EvalModel.from_dense(dense_model.config, dense_model.params(), keep, name=name,
-                                 dtype=dense_model.dtype), None, "mask", dense_model)
+    return EvalModel(dense_model.prune(keep), name), None, "mask", dense_model
   model = EvalModel.wrap(pruned_model, name)
   if not np.array_equal(model.keep, keep):
     raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "

@@ -46,21 +46,18 @@ class _Timer:
     self.batch_size, self.prompt_len = tokens.shape
     self.lengths = jnp.full((self.batch_size,), self.prompt_len, jnp.int32)
     self.max_len = self.prompt_len + decode_steps + 1
-    self.dtype = jnp.dtype(model.compute_dtype)
-    self.sched = jnp.asarray(model.schedule)
     jax.block_until_ready(self.decode(*self.prefill()))  # compile both
     self.prefill_times, self.decode_times = [], []
 
   def prefill(self):
     m = self.model
-    cache = decode.init_cache(m.cfg, m.num_attn, self.batch_size, self.max_len, self.dtype)
-    return decode.prefill(m.params, self.sched, self.tokens, self.lengths, cache, cfg=m.cfg,
-                          dtype=self.dtype.name)
+    cache = m.model.init_cache(self.batch_size, self.max_len)
+    return decode.prefill(m.graphdef, m.state, self.tokens, self.lengths, cache)
 
   def decode(self, logits, cache):
     m = self.model
-    return decode.greedy_steps(m.params, self.sched, logits, cache, self.lengths, cfg=m.cfg,
-                               dtype=self.dtype.name, num_steps=self.decode_steps)
+    return decode.greedy_steps(m.graphdef, m.state, logits, cache, self.lengths,
+                               num_steps=self.decode_steps)
 
   def time_once(self):
     start = time.perf_counter()
