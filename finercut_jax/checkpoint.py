@@ -46,10 +46,20 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
                 tokenizer=None, source: str | None = None) -> str:
   """Writes the pruned model of `keep` (dense params in, removed weights dropped) to `directory`.
   Every process of a multi-process job calls it."""
-  keep = np.asarray(keep, bool)
+  return save_model(directory, Llama.from_params(cfg, params).prune(keep), tokenizer=tokenizer,
+                    source=source)
+
+
+def save_model(directory: str, model: Llama, *, tokenizer=None, source: str | None = None,
+               extra: dict | None = None) -> str:
+  """Writes a (pruned) `Llama` as a checkpoint of its present sublayers; `extra` goes into
+  model.json. Every process of a multi-process job calls it."""
+  keep = model.present
+  params = prune_params(model.params(), keep, keep)  # the pruned layout, whatever the model
   # As model.json will hold it (tuples become lists), so that it compares equal when unchanged.
-  meta = json.loads(json.dumps({"config": cfg.to_dict(), "keep": keep.tolist(),
-                                "dtype": jnp.dtype(params["embed"].dtype).name, "source": source}))
+  meta = json.loads(json.dumps({"config": model.config.to_dict(), "keep": keep.tolist(),
+                                "dtype": jnp.dtype(params["embed"].dtype).name, "source": source,
+                                **(extra or {})}))
   directory = os.path.abspath(directory)
 
   def unchanged() -> bool:
@@ -58,11 +68,11 @@ def save_pruned(directory: str, cfg: LlamaConfig, params: Params, keep: np.ndarr
   # Process 0 decides for everyone, so that all make the same Orbax calls.
   if distributed.on_primary(unchanged):
     return directory
-  pruned = prune_params(params, keep)
-  stored = {k: v for k, v in pruned.items() if k not in ("attn", "ffn")}
+  stored = {k: v for k, v in params.items() if k not in ("attn", "ffn")}
   for group in ("attn", "ffn"):
-    if next(iter(pruned[group].values())).shape[0]:
-      stored[group] = pruned[group]
+    if next(iter(params[group].values())).shape[0]:
+      stored[group] = params[group]
+
   def open_directory():
     os.makedirs(directory, exist_ok=True)
     for stale in ("model.json", "tokenizer"):  # the directory is incomplete from here on
@@ -137,14 +147,16 @@ def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, obj
   return Llama.from_params(cfg, params, present=keep, dtype=dtype), tokenizer
 
 
-def load_pruned(run_dir: str, ratio: float, *, dtype=None, mesh=None
+def load_pruned(run_dir: str, ratio: float, *, healed: bool = False, dtype=None, mesh=None
                 ) -> tuple[Llama, object]:
-  """The pruned model of a search run at `ratio`, and its tokenizer."""
-  directory = pruned_dir(run_dir, ratio)
+  """The pruned model of a search run at `ratio` (healed: after `finercut_jax.heal`), and its
+  tokenizer."""
+  group = "healed" if healed else "pruned"
+  directory = os.path.join(run_dir, group, ratio_name(ratio))
   if not os.path.isdir(directory):
-    available = sorted(os.listdir(os.path.join(run_dir, "pruned"))) if os.path.isdir(
-        os.path.join(run_dir, "pruned")) else []
-    raise FileNotFoundError(f"{directory}: no pruned checkpoint for ratio {ratio:g} "
+    available = sorted(os.listdir(os.path.join(run_dir, group))) if os.path.isdir(
+        os.path.join(run_dir, group)) else []
+    raise FileNotFoundError(f"{directory}: no {group} checkpoint for ratio {ratio:g} "
                             f"(available: {available or 'none'})")
   return restore_pruned(directory, dtype=dtype, mesh=mesh)
 

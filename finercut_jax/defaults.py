@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from finercut_jax.evaluation.run import default_eval_config
+from finercut_jax.healing import default_heal_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,7 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 
-  # Evaluation of the dense and pruned models after the search (finercut_jax/evaluation).
+  # Healing of one pruned model after the search (finercut_jax/healing.py): the official code's
+  # LoRA settings; off unless a config or --config.heal.enabled=True asks for it.
+  c.heal = default_heal_config()
+
+  # Evaluation of the dense and pruned (and healed) models after the search (finercut_jax/evaluation).
   c.eval = default_eval_config()
   c.eval.enabled = False  # config files switch it on
   return c

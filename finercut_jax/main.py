@@ -55,6 +55,15 @@ def validate(config) -> None:
     raise ConfigError(f"run_dir {config.run_dir}: {existing} is not writable")
   if config.scorer.backend not in BACKENDS:
     raise ConfigError(f"unknown scorer.backend {config.scorer.backend!r}; choose one of {BACKENDS}")
+  if config.heal.enabled:
+    from finercut_jax.healing import check_config
+    check_config(config.heal)
+    if not config.checkpoint:
+      raise ConfigError("heal.enabled needs the pruned checkpoints: set checkpoint=True")
+    if not any(abs(config.heal.ratio - r) < 1e-9
+               for r in (config.search.ratio, *config.search.mask_ratios)):
+      raise ConfigError(f"heal.ratio {config.heal.ratio:g} is not among search.ratio and "
+                        f"search.mask_ratios, whose pruned models are written")
 
 
 def _parents(path: str):
@@ -151,6 +160,10 @@ def run(config) -> str:
     _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec,
                      scorer, params, tokenizer, model_path, model_cfg)
     del scorer, params
+    if config.heal.enabled:
+      from finercut_jax.healing import heal_run
+      heal_run(run_dir, config.heal.ratio, config.heal, mesh=mesh,
+               log=print if primary else (lambda *_: None))
     if config.eval.enabled:
       from finercut_jax.evaluation import evaluate_run
       evaluate_run(run_dir, config.eval, mesh=mesh)

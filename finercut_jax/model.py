@@ -258,13 +258,16 @@ class DecoderStack(nnx.Module):
     return np.asarray(self.present, bool)
 
   @property
+  def stack_index(self) -> np.ndarray:
+    """`[2L]` int32: each sublayer's index in its kind's stack (0 where not present)."""
+    present = self.present_mask
+    return np.where(present, np.cumsum(present, axis=0) - 1, 0).reshape(-1).astype(np.int32)
+
+  @property
   def schedule(self) -> np.ndarray:
     """`[n_present, 3]` int32 rows (kind, index in that kind's stack, sublayer id), in depth order."""
-    flat = self.present_mask.reshape(-1)
-    ids = np.flatnonzero(flat)
-    kinds = ids % 2
-    index = (np.cumsum(flat.reshape(-1, 2), axis=0) - 1).reshape(-1)[ids]
-    return np.stack([kinds, index, ids], axis=1).astype(np.int32)
+    ids = np.flatnonzero(self.present_mask.reshape(-1))
+    return np.stack([ids % 2, self.stack_index[ids], ids], axis=1).astype(np.int32)
 
   def _branches(self, positions, cache=None):
     """`lax.switch` branches on (h, stack index[, keys, values]): identity, attention, MLP. A kind
@@ -290,11 +293,9 @@ class DecoderStack(nnx.Module):
   def sublayer(self, j, h: jax.Array, positions, keep=True) -> jax.Array:
     """h + branch(h) for sublayer id `j` (traced or not), or h unchanged when it is not kept or
     not present. Only the chosen branch runs when j and keep are not batched."""
-    flat = self.present_mask.reshape(-1)
-    index = np.where(flat, np.cumsum(flat.reshape(-1, 2), axis=0).reshape(-1) - 1, 0)
-    on = jnp.asarray(flat)[j] & keep
-    branch = jnp.where(on, 1 + j % 2, 0)
-    return jax.lax.switch(branch, self._branches(positions), h, jnp.asarray(index, jnp.int32)[j])
+    on = jnp.asarray(self.present_mask.reshape(-1))[j] & keep
+    return jax.lax.switch(jnp.where(on, 1 + j % 2, 0), self._branches(positions), h,
+                          jnp.asarray(self.stack_index)[j])
 
   def __call__(self, h: jax.Array, positions, keep=None) -> jax.Array:
     """Runs the present sublayers (those of them that `keep` `[L, 2]` keeps) on h `[B, T, D]`."""

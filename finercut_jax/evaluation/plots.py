@@ -99,6 +99,27 @@ def score_per_step(ranking: dict, path: str, masks: dict | None = None) -> str:
   return path
 
 
+def plot_healing(history: dict, path: str) -> str:
+  """A healing run's training loss per step and its held-out loss."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  steps = history.get("steps", [])
+  if steps:
+    ax.plot([s["step"] + 1 for s in steps], [s["loss"] for s in steps], color="tab:blue",
+            linewidth=1, label="training (batch)")
+  held = history.get("heldout", [])
+  if held:
+    ax.plot([h["step"] for h in held], [h["loss"] for h in held], "o-", color="tab:orange",
+            label="held-out")
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("next-token loss (nats)")
+  ax.set_title("Healing", fontsize=10)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
 def metrics_vs_ratio(results: dict, path: str) -> str:
   """Benchmark average (and each task, faint) and held-out perplexity against the ratio, with
   the dense model as a reference line."""

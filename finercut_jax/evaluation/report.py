@@ -106,6 +106,29 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
              f"{rel['decode_tokens_per_s']:.2f}x |" if rel else "100% | 1.00x | 1.00x |"))
     lines.append("")
 
+  healed = results.get("healed", {})
+  if healed:
+    lines += ["## Healing", "",
+              "The pruned model fine-tuned with `python -m finercut_jax.heal` (settings in "
+              "`healed/ratio_<r>/healing.json`), evaluated as above.", "",
+              "| Ratio | Method | Steps | Held-out loss (during healing) | Perplexity | Average |",
+              "|---|---|---|---|---|---|"]
+    by_ratio = {f"{m.get('ratio', 0):g}": m for m in ordered}
+    for key, h in sorted(healed.items(), key=lambda kv: float(kv[0])):
+      before = by_ratio.get(f"{float(key):g}", {})
+      loss = h.get("healing_loss", {})
+      fmt = lambda a, b, f: (f"{f(a)} → {f(b)}" if a is not None and b is not None  # noqa: E731
+                             else (f(b) if b is not None else "–"))
+      ppl = lambda m: m.get("perplexity", {}).get("perplexity")  # noqa: E731
+      avg = lambda m: m.get("average")  # noqa: E731
+      settings = h.get("healing", {}).get("settings", {})
+      lines.append(
+          f"| {float(key):g} | {settings.get('method', '?')} | {loss.get('steps', '?')} | "
+          f"{fmt(loss.get('heldout_before'), loss.get('heldout_after'), lambda v: f'{v:.4f}')} | "
+          f"{fmt(ppl(before), ppl(h), lambda v: f'{v:.3f}')} | "
+          f"{fmt(avg(before), avg(h), lambda v: f'{v:.2f}')} |")
+    lines.append("")
+
   pics = results.get("plots", {})
   captions = {"layer_map": "Removed sublayers per ratio (colour: the greedy step that removed it)",
               "scores": "Score of the removed candidate at each greedy step",

@@ -277,6 +277,46 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
   distributed.on_primary(lambda: atomic_write_json(path, results))
 
 
+def _evaluate_healed(run_dir, eval_config, run_config, ratios, previous, scoring, record, mesh,
+                     log):
+  """Evaluates the healed model of each ratio that has one (`finercut_jax.heal`), beside the
+  pruned one; a stored result is reused only for the same healing run and settings."""
+  from finercut_jax import checkpoint, distributed
+  settings = _settings(eval_config)
+  heldout, tokenizer = None, None
+  for key in ratios:
+    directory = os.path.join(run_dir, "healed", checkpoint.ratio_name(float(key)))
+    meta = distributed.on_primary(lambda: read_json(os.path.join(directory, "model.json")))
+    if meta is None or "healing" not in meta:
+      continue
+    stored = previous.get(key)
+    if stored is not None and stored.get("healing") != meta["healing"]:
+      stored = None  # another healing run: nothing of it is reusable
+    todo = _pending(stored, dict(settings, throughput=None))
+    if stored is not None and not (todo["tasks"] or todo["perplexity"]):
+      record(key, stored)
+      continue
+    model, model_tokenizer = checkpoint.restore_pruned(directory, mesh=mesh)
+    tokenizer = tokenizer or model_tokenizer
+    if tokenizer is None:
+      from finercut_jax.loading import load_tokenizer
+      tokenizer = load_tokenizer(run_config["model"]["path"])
+    if heldout is None and todo["perplexity"]:
+      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
+    history = distributed.on_primary(lambda: read_json(os.path.join(directory, "healing.json"),
+                                                       {}))
+    held = history.get("heldout", [])
+    entry = {**evaluate_model(EvalModel(model, f"ratio {float(key):g} healed"), tokenizer,
+                              eval_config, heldout=heldout, scoring=scoring, log=log,
+                              previous=stored),
+             "ratio": float(key), "source": "healed", "healing": meta["healing"],
+             "healing_loss": {"heldout_before": held[0]["loss"] if held else None,
+                              "heldout_after": held[-1]["loss"] if held else None,
+                              "steps": len(history.get("steps", []))}}
+    record(key, entry)
+    del model
+
+
 def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dict:
   """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
 
@@ -332,6 +372,16 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
           if k in reusable and reusable[k].get("keep") == keep.tolist()}
   _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
                    results, path, mesh, log)
+  healed = dict(previous.get("healed", {}))
+  results["healed"] = healed
+
+  def record_healed(key, entry):
+    healed[key] = entry
+    distributed.on_primary(lambda: atomic_write_json(path, results))
+  _evaluate_healed(run_dir, eval_config, run_config, ratios, healed, scoring, record_healed, mesh,
+                   log)
+  if not healed:
+    del results["healed"]
 
   def write_plots_and_report():
     if eval_config.plots:
