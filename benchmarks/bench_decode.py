@@ -61,7 +61,6 @@ def main(argv=None):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
   threads = len(os.sched_getaffinity(0))
 
-  import numpy as np
   from finercut_jax import data, loading
   from finercut_jax.evaluation import decode
   from finercut_jax.evaluation.lm import EvalModel

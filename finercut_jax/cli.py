@@ -58,3 +58,26 @@ def expected_errors():
       fail(f"no space left on the device ({e.filename or e}); free some and rerun: finished "
            f"steps are kept")
     fail(str(e))
+
+
+def override_section(defaults, given, name: str, where: str):
+  """`defaults` (a ConfigDict) overridden by the fields `given` (a partial ConfigDict or dict)
+  sets; a field that `defaults` lacks is refused with a KeyError naming `name.field` and the
+  file `where` its fields are defined in."""
+  if given is None:
+    return defaults
+  values = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+
+  def merge(into, values, prefix):
+    for key, value in values.items():
+      if key not in into:
+        raise KeyError(f"unknown setting {prefix}{key}; the fields and their defaults are in "
+                       f"{where}")
+      if isinstance(value, dict):
+        merge(into[key], value, f"{prefix}{key}.")
+      else:
+        with into.ignore_type():
+          into[key] = value
+  merge(defaults, values, f"{name}.")
+  return defaults
+

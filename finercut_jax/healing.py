@@ -94,23 +94,12 @@ def default_heal_config() -> ml_collections.ConfigDict:
 
 def resolve_heal_config(heal_config=None) -> ml_collections.ConfigDict:
   """Defaults overridden by whatever fields `heal_config` sets; unknown fields are refused."""
-  resolved = default_heal_config()
-  if heal_config is None:
-    return resolved
-  given = heal_config.to_dict() if hasattr(heal_config, "to_dict") else dict(heal_config)
-
-  def merge(into, values, prefix=""):
-    for key, value in values.items():
-      if key not in into:
-        raise ValueError(f"unknown healing setting heal.{prefix}{key}; the fields and their "
-                         f"defaults are in finercut_jax/healing.py")
-      if isinstance(value, dict):
-        merge(into[key], value, f"{prefix}{key}.")
-      else:
-        with into.ignore_type():
-          into[key] = value
-  merge(resolved, given)
-  return resolved
+  from finercut_jax.cli import override_section
+  try:
+    return override_section(default_heal_config(), heal_config, "heal",
+                            "finercut_jax/healing.py")
+  except KeyError as e:
+    raise ValueError(e.args[0]) from None
 
 
 def check_config(c) -> None:

@@ -250,3 +250,21 @@ def test_heal_command_and_evaluation_report(pruned_run, tmp_path):
   assert "perplexity" in results["healed"]["0.5"]
   report = open(os.path.join(run, "report.md")).read()
   assert "## Healing" in report and "| 0.5 | partial | 4 |" in report
+
+
+def test_alpaca_records_train_on_the_response_only(job_assets, tmp_path):  # noqa: F811
+  _, tokenizer, _ = job_assets
+  from finercut_jax.evaluation.lm import encode
+  records = [{"instruction": "the cat", "input": "", "output": "a dog ran"},
+             {"instruction": "the cat", "input": "sat on", "output": "the mat"}]
+  path = tmp_path / "alpaca.json"
+  path.write_text(json.dumps(records))
+  tokens, mask = healing._alpaca_windows(tokenizer, str(path), 64)
+  assert tokens.shape == (2, 64)
+  for row, m, r in zip(tokens, mask, records):
+    response = encode(tokenizer, r["output"], add_special_tokens=False)
+    targets = row[1:][m[:-1]]  # the tokens the masked positions predict
+    assert targets[:len(response)].tolist() == response
+  (tmp_path / "bad.json").write_text('{"not": "a list"}')
+  with pytest.raises(ValueError, match="JSON list of"):
+    healing._alpaca_windows(tokenizer, str(tmp_path / "bad.json"), 64)

@@ -64,22 +64,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
 def resolve_eval_config(eval_config=None) -> ml_collections.ConfigDict:
   """`default_eval_config()` overridden by whatever fields `eval_config` sets (a partial config,
   e.g. a job config's `eval` section holding only `enabled`, gets every other default)."""
-  resolved = default_eval_config()
-  if eval_config is None:
-    return resolved
-  given = eval_config.to_dict() if hasattr(eval_config, "to_dict") else dict(eval_config)
-
-  def merge(into, values, prefix=""):
-    for key, value in values.items():
-      if key not in into:
-        raise KeyError(f"unknown evaluation setting {prefix}{key}")
-      if isinstance(value, dict):
-        merge(into[key], value, f"{prefix}{key}.")
-      else:
-        with into.ignore_type():
-          into[key] = value
-  merge(resolved, given)
-  return resolved
+  from finercut_jax.cli import override_section
+  return override_section(default_eval_config(), eval_config, "eval",
+                          "finercut_jax/evaluation/run.py")
 
 
 def _csv(value) -> list[str]:
