@@ -111,7 +111,7 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
     lines += ["## Healing", "",
               "The pruned model fine-tuned with `python -m finercut_jax.heal` (settings in "
               "`healed/ratio_<r>/healing.json`), evaluated as above.", "",
-              "| Ratio | Method | Steps | Held-out loss (during healing) | Perplexity | Average |",
+              "| Ratio | Method | Steps | Held-out loss (during healing) | Perplexity | Average (%) |",
               "|---|---|---|---|---|---|"]
     by_ratio = {f"{m.get('ratio', 0):g}": m for m in ordered}
     for key, h in sorted(healed.items(), key=lambda kv: float(kv[0])):
@@ -126,7 +126,7 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
           f"| {float(key):g} | {settings.get('method', '?')} | {loss.get('steps', '?')} | "
           f"{fmt(loss.get('heldout_before'), loss.get('heldout_after'), lambda v: f'{v:.4f}')} | "
           f"{fmt(ppl(before), ppl(h), lambda v: f'{v:.3f}')} | "
-          f"{fmt(avg(before), avg(h), lambda v: f'{v:.2f}')} |")
+          f"{fmt(avg(before), avg(h), lambda v: f'{100 * v:.1f}')} |")
     lines.append("")
 
   pics = results.get("plots", {})
