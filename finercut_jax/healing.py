@@ -88,7 +88,7 @@ def default_heal_config() -> ml_collections.ConfigDict:
   c.data.format = "text"  # text | alpaca (then source is the JSON file)
   c.checkpoint_every = 50
   c.eval_every = 25  # held-out loss every this many steps (and at the end)
-  c.eval_batches = 2  # micro-batches of held-out windows for that loss
+  c.eval_batches = 2  # at most this many micro-batches of held-out windows for that loss
   return c
 
 
@@ -603,6 +603,9 @@ def heal_run(run_dir: str, ratio: float, heal_config=None, *, mesh=None, log=pri
   model = Llama.from_params(model.config, params, present=model.present, dtype=dtype)
   eval_config = resolve_eval_config(run_config.get("eval"))
   eval_config.perplexity.seq_len = int(c.seq_len)
+  # At least one micro-batch of held-out windows (the training text starts after all of it).
+  eval_config.perplexity.num_tokens = max(int(eval_config.perplexity.num_tokens),
+                                          int(c.micro_batch) * int(c.seq_len))
   heldout, info = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
   data_ = training_data(tokenizer, c, run_config, heldout, info["source"], info["offset"])
   directory = healed_dir(run_dir, ratio)

@@ -215,12 +215,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pruned_run, tmp_path)
 
 
 def test_heal_command_and_evaluation_report(pruned_run, tmp_path):
-  """The CLI heals a run with overrides, on 8 simulated devices (batch split 2 x 4 ways); the
+  """The CLI heals a run with overrides on 8 simulated devices (batch over 4, weights over 2); the
   loss curve equals the one-device run's; evaluation reports the healed model."""
   run = copy_run(pruned_run, tmp_path / "cli")
   config_path = os.path.join(run, "config.json")
   config = json.load(open(config_path))
-  config["scorer"]["mesh_cand"] = 0  # every device (the search ran on one)
+  config["scorer"]["mesh_cand"] = 0  # every device (the search ran on one): a 4 x 2 mesh
+  config["scorer"]["mesh_model"] = 2
   json.dump(config, open(config_path, "w"))
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
   args = ["--heal.steps=4", "--heal.batch_size=8", "--heal.micro_batch=8", "--heal.seq_len=16",
