@@ -81,3 +81,19 @@ def override_section(defaults, given, name: str, where: str):
   merge(defaults, values, f"{name}.")
   return defaults
 
+
+@contextlib.contextmanager
+def existing_run(run_dir: str):
+  """For the entry points that work on a finished run: checks it exists, starts the distributed
+  runtime, and holds the run directory's lock on process 0 for the block."""
+  import os
+
+  from finercut_jax import distributed, io
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"{run_dir}: no such run directory")
+  distributed.initialize()
+  lock = contextlib.ExitStack()
+  distributed.on_primary(lambda: lock.enter_context(io.run_lock(run_dir)) and None)
+  with lock:
+    yield
+

@@ -9,7 +9,6 @@ launcher or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 from absl import app, flags, logging
@@ -32,18 +31,12 @@ def run(run_dir: str, overrides: dict | None = None) -> dict:
   on a file system they all see, as the job's Orbax checkpoints need)."""
   import os
 
-  from finercut_jax import distributed, io, sharding
-  if not os.path.isdir(run_dir):
-    raise FileNotFoundError(f"{run_dir}: no such run directory")
-  distributed.initialize()
-  config = run_eval_config(run_dir, overrides)
-  mesh_model = io.read_json(os.path.join(run_dir, "config.json"), {}).get(
-      "scorer", {}).get("mesh_model", 1)
-  mesh = sharding.make_mesh(model=mesh_model)
-  lock = contextlib.ExitStack()  # process 0 holds the run directory's lock
-  distributed.on_primary(lambda: lock.enter_context(io.run_lock(run_dir)) and None)
-  with lock:
-    return evaluate_run(run_dir, config, mesh=mesh)
+  from finercut_jax import io, sharding
+  with cli.existing_run(run_dir):
+    config = run_eval_config(run_dir, overrides)
+    mesh_model = io.read_json(os.path.join(run_dir, "config.json"), {}).get(
+        "scorer", {}).get("mesh_model", 1)
+    return evaluate_run(run_dir, config, mesh=sharding.make_mesh(model=mesh_model))
 
 
 def main(argv):

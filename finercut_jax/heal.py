@@ -10,7 +10,6 @@ runs start as `finercut_jax.main` does.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 from absl import app, flags, logging
@@ -44,17 +43,11 @@ def run_heal_config(run_dir: str, overrides: dict | None = None):
 
 
 def run(run_dir: str, ratio: float | None = None, overrides: dict | None = None) -> str:
-  import os
-
-  from finercut_jax import distributed, io
+  """Heals `ratio` of `run_dir` (every process of a multi-process job calls this)."""
+  from finercut_jax import distributed
   from finercut_jax.healing import heal_run
-  if not os.path.isdir(run_dir):
-    raise FileNotFoundError(f"{run_dir}: no such run directory")
-  distributed.initialize()
-  config = run_heal_config(run_dir, overrides)
-  lock = contextlib.ExitStack()  # process 0 holds the run directory's lock
-  distributed.on_primary(lambda: lock.enter_context(io.run_lock(run_dir)) and None)
-  with lock:
+  with cli.existing_run(run_dir):
+    config = run_heal_config(run_dir, overrides)
     return heal_run(run_dir, config.ratio if ratio is None else ratio, config,
                     log=print if distributed.is_primary() else (lambda *_: None))
 
