@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -372,13 +371,8 @@ def worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- the driver
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def run_n(a, n: int, verify: bool) -> list[dict]:
+  from benchmarks.processes import free_port, wait_all
   port = free_port()
   procs = []
   for i in range(n):
@@ -388,18 +382,7 @@ def run_n(a, n: int, verify: bool) -> list[dict]:
     procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
                                    json.dumps(spec)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, cwd=REPO))
-  deadline = time.monotonic() + a.timeout
-  outputs, failed = [], False
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      out, _ = p.communicate()
-      out += f"\n[killed after {a.timeout} s]"
-      failed = True
-    outputs.append(out)
+  outputs, failed = wait_all(procs, a.timeout)
   results = []
   for i, (p, out) in enumerate(zip(procs, outputs)):
     lines = [l for l in out.splitlines() if l.startswith("RESULT ")]

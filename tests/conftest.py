@@ -1,4 +1,9 @@
 import os
+import sys
+
+# The repository root, so that tests can import `benchmarks` (the official-loop baseline, the
+# multi-process helpers) however pytest is started.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Eight simulated CPU devices for the mesh tests; must be set before JAX initializes.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")

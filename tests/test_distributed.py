@@ -10,15 +10,14 @@ rounding of the cross-process reductions (measured: identical).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.processes import free_port, wait_all
 from finercut_jax import checkpoint
 from test_main import job_assets, job_config  # noqa: F401  (the tiny checkpoint fixture)
 
@@ -26,12 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
 TIMEOUT = 600
 DEVICES = 4
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def overrides(config) -> dict:
@@ -69,17 +62,7 @@ def start(config, num_processes, *, per_process=None, kill=None, kill_at=None):
 
 def finish(procs, timeout=TIMEOUT):
   """Waits for every process; returns (exit codes, outputs). Kills all at the timeout."""
-  deadline = time.monotonic() + timeout
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      out, _ = p.communicate()
-      out += f"\n[killed after {timeout} s]"
-    outputs.append(out)
+  outputs, _ = wait_all(procs, timeout)
   return [p.returncode for p in procs], outputs
 
 

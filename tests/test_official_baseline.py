@@ -3,17 +3,12 @@
 The direct computation is written independently here: all sequences in one batched forward,
 hooks that replace the pruned sublayers' outputs by zeros, divergences in float64.
 """
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import official_baseline as ob  # noqa: E402
-from hf_tiny import make_hf_model  # noqa: E402
+from benchmarks import official_baseline as ob
+from hf_tiny import make_hf_model
 
 NUM_LAYERS, N, T = 3, 2, 16
 
