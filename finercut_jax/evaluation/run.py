@@ -214,14 +214,37 @@ def _load_model(run_dir, run_config, key, masks, mesh, dense_model):
   return model, tokenizer, "checkpoint", None
 
 
+class _RunText:
+  """The tokenizer and held-out text of a run, each made once, when a model first needs it (a
+  model's checkpoint may carry the tokenizer; else the run's source model gives it)."""
+
+  def __init__(self, run_dir, run_config, eval_config):
+    self.run_dir, self.run_config, self.eval_config = run_dir, run_config, eval_config
+    self._tokenizer, self._heldout = None, None
+
+  def tokenizer(self, model_tokenizer=None):
+    if self._tokenizer is None:
+      self._tokenizer = model_tokenizer
+    if self._tokenizer is None:
+      from finercut_jax.loading import load_tokenizer
+      self._tokenizer = load_tokenizer(self.run_config["model"]["path"])
+    return self._tokenizer
+
+  def heldout(self):
+    if self._heldout is None:
+      self._heldout = heldout_for_run(self.run_config, self.tokenizer(), self.eval_config,
+                                      self.run_dir)
+    return self._heldout
+
+
 def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                     results, path, mesh, log):
+                     results, path, mesh, log, text: _RunText):
   """Evaluates, one model at a time (each loaded onto `mesh`, evaluated, then freed), the dense
   model and each ratio not in `done`, with its throughput."""
   from finercut_jax import distributed
   from finercut_jax.io import atomic_write_json
   tp = eval_config.throughput
-  heldout, tokenizer, prompt, dense_model = None, None, None, None
+  prompt, dense_model = None, None
   settings = _settings(eval_config)
   for key in ["dense"] + ratios:
     previous = done.get(key)
@@ -235,12 +258,8 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
     if source == "mask":
       log(f"  {model.name}: no pruned checkpoint (config.checkpoint=False): the dense weights "
           f"pruned by the mask")
-    tokenizer = tokenizer or model_tokenizer
-    if tokenizer is None:
-      from finercut_jax.loading import load_tokenizer
-      tokenizer = load_tokenizer(run_config["model"]["path"])
-    if heldout is None and todo["perplexity"]:
-      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
+    tokenizer = text.tokenizer(model_tokenizer)
+    heldout = text.heldout() if todo["perplexity"] else None
     entry = {**evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
                               log=log, previous=previous),
              "ratio": 0.0 if key == "dense" else float(key), "source": source}
@@ -264,13 +283,12 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
   distributed.on_primary(lambda: atomic_write_json(path, results))
 
 
-def _evaluate_healed(run_dir, eval_config, run_config, ratios, previous, scoring, record, mesh,
-                     log):
+def _evaluate_healed(run_dir, eval_config, ratios, previous, scoring, record, mesh, log,
+                     text: _RunText):
   """Evaluates the healed model of each ratio that has one (`finercut_jax.heal`), beside the
   pruned one; a stored result is reused only for the same healing run and settings."""
   from finercut_jax import checkpoint, distributed
   settings = _settings(eval_config)
-  heldout, tokenizer = None, None
   for key in ratios:
     directory = os.path.join(run_dir, "healed", checkpoint.ratio_name(float(key)))
     meta = distributed.on_primary(lambda: read_json(os.path.join(directory, "model.json")))
@@ -284,12 +302,8 @@ def _evaluate_healed(run_dir, eval_config, run_config, ratios, previous, scoring
       record(key, stored)
       continue
     model, model_tokenizer = checkpoint.restore_pruned(directory, mesh=mesh)
-    tokenizer = tokenizer or model_tokenizer
-    if tokenizer is None:
-      from finercut_jax.loading import load_tokenizer
-      tokenizer = load_tokenizer(run_config["model"]["path"])
-    if heldout is None and todo["perplexity"]:
-      heldout = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
+    tokenizer = text.tokenizer(model_tokenizer)
+    heldout = text.heldout() if todo["perplexity"] else None
     history = distributed.on_primary(lambda: read_json(os.path.join(directory, "healing.json"),
                                                        {}))
     held = history.get("heldout", [])
@@ -357,16 +371,16 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
   done = {k: reusable[k] for k, keep in keeps.items()
           if k in reusable and reusable[k].get("keep") == keep.tolist()}
+  text = _RunText(run_dir, run_config, eval_config)
   _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                   results, path, mesh, log)
+                   results, path, mesh, log, text)
   healed = dict(previous.get("healed", {}))
   results["healed"] = healed
 
   def record_healed(key, entry):
     healed[key] = entry
     distributed.on_primary(lambda: atomic_write_json(path, results))
-  _evaluate_healed(run_dir, eval_config, run_config, ratios, healed, scoring, record_healed, mesh,
-                   log)
+  _evaluate_healed(run_dir, eval_config, ratios, healed, scoring, record_healed, mesh, log, text)
   if not healed:
     del results["healed"]
 
