@@ -122,8 +122,9 @@ def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
 
 
 def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, object]:
-  """`(Llama holding the kept sublayers, tokenizer or None)` from a checkpoint directory written by `save_pruned`;
-  with `mesh`, the parameters are restored straight onto it, sharded by the sharding rules."""
+  """`(Llama holding the kept sublayers, tokenizer or None)` from a checkpoint directory written
+  by `save_pruned`; with `mesh`, the parameters are restored straight onto it, sharded by the
+  sharding rules."""
   meta = _read_meta(directory)
   if meta is None:
     raise FileNotFoundError(f"{os.path.join(directory, 'model.json')} is missing: {directory} is "

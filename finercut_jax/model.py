@@ -479,7 +479,9 @@ def prune_params(params: Params, keep, present=None) -> Params:
   for group, names, kind in (("attn", ATTN_PARAM_NAMES, ATTN), ("ffn", FFN_PARAM_NAMES, FFN)):
     stack = params["layers"] if "layers" in params else params[group]
     index = np.flatnonzero(keep[present[:, kind], kind])
-    out[group] = {k: stack[k][index] for k in names}
+    # Every row kept: the same arrays, not a copy (a checkpoint of a model pruned already).
+    out[group] = {k: stack[k] if len(index) == stack[k].shape[0] else stack[k][index]
+                  for k in names}
   return out
 
 

@@ -21,7 +21,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from finercut_jax import distributed
