@@ -309,17 +309,16 @@ def _alpaca_windows(tokenizer, path: str, seq_len: int):
   return tokens[keep], mask[keep]
 
 
-def training_data(tokenizer, c, run_config: dict, heldout_tokens: np.ndarray,
-                  heldout_source: str, heldout_offset: int) -> TrainingData:
-  """The healing windows, checked against the calibration set and the held-out text."""
+def training_data(tokenizer, c, run_config: dict, calibration: np.ndarray,
+                  heldout_tokens: np.ndarray, heldout_source: str,
+                  heldout_offset: int) -> TrainingData:
+  """The healing windows, checked against the run's calibration set `[N, T]` (the first N*T
+  tokens of its source) and the held-out text."""
   from finercut_jax import data
   T = int(c.seq_len)
-  calib = run_config.get("data", {})
-  calib_source = calib.get("source", "packaged")
-  n_calib = int(calib.get("num_sequences", 10)) * int(calib.get("seq_len", 256))
+  calib_source = run_config.get("data", {}).get("source", "packaged")
+  n_calib = int(calibration.size)
   source = c.data.source or calib_source
-  calibration = data.calibration_tokens(tokenizer, calib_source, int(calib["num_sequences"]),
-                                        int(calib["seq_len"]))
   heldout_windows = heldout_tokens[:len(heldout_tokens) // T * T].reshape(-1, T)
   if c.data.format == "alpaca":
     tokens, mask = _alpaca_windows(tokenizer, source, T)
@@ -607,7 +606,10 @@ def heal_run(run_dir: str, ratio: float, heal_config=None, *, mesh=None, log=pri
   eval_config.perplexity.num_tokens = max(int(eval_config.perplexity.num_tokens),
                                           int(c.micro_batch) * int(c.seq_len))
   heldout, info = heldout_for_run(run_config, tokenizer, eval_config, run_dir)
-  data_ = training_data(tokenizer, c, run_config, heldout, info["source"], info["offset"])
+  calibration = np.asarray(distributed.on_primary(
+      lambda: np.load(os.path.join(run_dir, "calibration_tokens.npy")).tolist()), np.int32)
+  data_ = training_data(tokenizer, c, run_config, calibration, heldout, info["source"],
+                        info["offset"])
   directory = healed_dir(run_dir, ratio)
   pruned_meta = read_json(os.path.join(checkpoint.pruned_dir(run_dir, ratio), "model.json"))
   fingerprint = _fingerprint(c, data_.info, {"keep": pruned_meta["keep"],
