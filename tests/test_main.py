@@ -25,7 +25,7 @@ from finercut_jax import search as search_module
 from finercut_jax.defaults import base_config
 from finercut_jax.model import param_shapes
 from finercut_jax.model import ATTN_PARAM_NAMES, FFN_PARAM_NAMES
-from hf_tiny import make_hf_model, save_hf_model
+from hf_tiny import WORDS, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = R.TINY.num_layers
@@ -99,21 +99,6 @@ def test_load_pruned_from_run_dir(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the main job
-
-WORDS = [f"w{i}" for i in range(60)]
-
-
-def make_tokenizer(directory):
-  """A word-level tokenizer of WORDS (ids 1..60, [UNK] 0), saved beside the model."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {w: i for i, w in enumerate(["[UNK]"] + WORDS)}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-  fast.save_pretrained(str(directory))
-  return fast
-
 
 def text_lines(count=40, seed=0):
   """Lines of random words, with empty lines among them."""

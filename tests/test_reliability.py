@@ -25,10 +25,9 @@ from finercut_jax import search as search_module
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run
 from finercut_jax.model import Llama
 from finercut_jax.scorer import NonFiniteError, Scorer
-from hf_tiny import make_hf_model, save_hf_model
+from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
 from test_distributed import finish, start
-from test_main import (REPO, interrupted_search, job_assets, job_config,  # noqa: F401 F811
-                       make_tokenizer)
+from test_main import REPO, interrupted_search, job_assets, job_config  # noqa: F401 F811
 
 ERRORS = (ValueError, OSError)  # what the CLIs print as one line with exit code 2
 
