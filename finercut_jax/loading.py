@@ -467,7 +467,9 @@ def load_tokenizer(path: str):
   path = resolve_path(path)
   if path.endswith(".gguf"):
     return _gguf_tokenizer(path)
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  # Never remote code: a DeciLM export's config.json names its config class (for vLLM); without
+  # this transformers would ask whether to run it before reading the tokenizer files.
+  return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def cache_root() -> str:

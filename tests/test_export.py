@@ -238,7 +238,8 @@ def test_decilm_export(source, tmp_path):
   want = logits(pruned)
   reference = dense_torch_model(out, len(kept_blocks))
   np.testing.assert_allclose(torch_logits(reference, present), want, rtol=0, atol=1e-4)
-  back, _ = finercut_jax.load_model(out)
+  back, tokenizer = finercut_jax.load_model(out)  # no remote code runs for the tokenizer
+  assert tokenizer.get_vocab() == source[2].get_vocab()
   np.testing.assert_array_equal(back.present, np.asarray(present))
   np.testing.assert_allclose(logits(back), want, rtol=0, atol=1e-6)
 
