@@ -203,10 +203,11 @@ def _write_weights(directory: str | None, tensors, dtype, max_shard_bytes: int) 
   for fname, group in zip(names, files):
     arrays = {}
     for name, shape, fetch in group:
-      array = fetch()
+      array = fetch()  # every process takes part; the others drop their copy at once
       assert array.shape == shape, (name, array.shape, shape)
-      arrays[name] = array
       total += array.nbytes
+      if directory is not None:
+        arrays[name] = array
     if directory is not None:
       safetensors.numpy.save_file(arrays, os.path.join(directory, fname),
                                   metadata={"format": "pt"})
