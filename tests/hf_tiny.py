@@ -1,4 +1,5 @@
 """Tiny random transformers Llama models saved to disk: the independent reference for parity."""
+import numpy as np
 import torch
 from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
@@ -32,6 +33,26 @@ def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides) ->
       if "norm" in n:
         p.copy_(1 + 0.1 * torch.randn_like(p))
   return model
+
+
+def hf_logits(hf, tokens, keep=None) -> np.ndarray:
+  """The torch model's logits; sublayers with keep False have their module output zeroed."""
+  handles = []
+  if keep is not None:
+    for layer, block in enumerate(hf.model.layers):
+      if not keep[layer][0]:
+        # LlamaAttention returns (attn_output, attn_weights); zero the output, keep the rest.
+        handles.append(block.self_attn.register_forward_hook(
+            lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
+      if not keep[layer][1]:
+        handles.append(block.mlp.register_forward_hook(
+            lambda mod, args, out: torch.zeros_like(out)))
+  try:
+    with torch.no_grad():
+      return hf(torch.as_tensor(tokens)).logits.float().numpy()
+  finally:
+    for h in handles:
+      h.remove()
 
 
 def save_hf_model(model, directory) -> str:

@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
-import torch
 
 import finercut_jax
 from finercut_jax import checkpoint, hf_export
 from finercut_jax.evaluation.perplexity import perplexity
 from finercut_jax.hf_export import ExportError
 from finercut_jax.scorer import Candidate, Scorer
-from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
+from hf_tiny import hf_logits, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 5
@@ -66,22 +65,6 @@ def logits(model):
   return out
 
 
-def torch_logits(model, keep=None):
-  """transformers' logits; sublayers with keep False have their module output zeroed."""
-  handles = []
-  for l, block in enumerate(model.model.layers):
-    if keep is not None and not keep[l][0]:
-      handles.append(block.self_attn.register_forward_hook(
-          lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
-    if keep is not None and not keep[l][1]:
-      handles.append(block.mlp.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)))
-  with torch.no_grad():
-    out = model(torch.as_tensor(TOKENS)).logits.float().numpy()
-  for h in handles:
-    h.remove()
-  return out
-
-
 def read_tensors(directory):
   """{name: shape} of every tensor in an export, through its index when sharded."""
   index = os.path.join(directory, "model.safetensors.index.json")
@@ -113,7 +96,7 @@ def test_block_export_loads_in_transformers(source, tmp_path):
   want = logits(pruned)
   hf = AutoModelForCausalLM.from_pretrained(out).eval()
   assert hf.config.num_hidden_layers == 3
-  np.testing.assert_allclose(torch_logits(hf), want, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(hf_logits(hf, TOKENS), want, rtol=0, atol=1e-4)
   tok = AutoTokenizer.from_pretrained(out)
   assert tok.get_vocab() == source[2].get_vocab()
   assert os.path.exists(os.path.join(out, "generation_config.json"))
@@ -237,7 +220,7 @@ def test_decilm_export(source, tmp_path):
 
   want = logits(pruned)
   reference = dense_torch_model(out, len(kept_blocks))
-  np.testing.assert_allclose(torch_logits(reference, present), want, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(hf_logits(reference, TOKENS, present), want, rtol=0, atol=1e-4)
   back, tokenizer = finercut_jax.load_model(out)  # no remote code runs for the tokenizer
   assert tokenizer.get_vocab() == source[2].get_vocab()
   np.testing.assert_array_equal(back.present, np.asarray(present))
@@ -267,7 +250,7 @@ def test_zeroed_llama_export_loads_in_transformers(source, tmp_path):
   hf_export.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="llama_zeroed")
   hf = AutoModelForCausalLM.from_pretrained(out).eval()
   assert hf.config.num_hidden_layers == 4
-  np.testing.assert_allclose(torch_logits(hf), logits(pruned), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(hf_logits(hf, TOKENS), logits(pruned), rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -361,8 +344,7 @@ def test_default_model_block_export_matches_transformers(smollm2, tmp_path):
   tokens = np.asarray([tokenizer.encode("The capital of France is Paris, and the capital of")])
   want = np.asarray(pruned(jnp.asarray(tokens)))
   hf = AutoModelForCausalLM.from_pretrained(out).eval()
-  with torch.no_grad():
-    got = hf(torch.as_tensor(tokens)).logits.numpy()
+  got = hf_logits(hf, tokens)
   # The default model's parity tolerance (test_loading.py: float32 through ~30 blocks).
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
   assert got[0, -1].argmax() == want[0, -1].argmax()

@@ -24,7 +24,7 @@ import finercut_jax
 from finercut_jax import CheckpointError, UnsupportedConfigError, load_model, load_params
 from finercut_jax import loading
 from finercut_jax.model import forward
-from hf_tiny import make_hf_model, save_hf_model
+from hf_tiny import hf_logits, make_hf_model, save_hf_model
 
 # float32 parity tolerance: see test_model.py (logits O(1), measured differences <= ~2e-5).
 ATOL = 1e-4
@@ -34,11 +34,6 @@ fwd = jax.jit(forward, static_argnums=1)
 
 def tokens_for(hf, seed=0):
   return np.random.RandomState(seed).randint(0, hf.config.vocab_size, (BATCH, SEQ))
-
-
-def torch_logits(hf, tokens):
-  with torch.no_grad():
-    return hf(torch.as_tensor(tokens)).logits.float().numpy()
 
 
 def assert_params_equal(a, b):
@@ -71,7 +66,7 @@ def test_sharded_checkpoint_loads_identically(untied, tmp_path):
   assert_params_equal(sharded, single)
   tokens = tokens_for(hf)
   np.testing.assert_allclose(np.asarray(fwd(sharded, cfg, jnp.asarray(tokens))),
-                             torch_logits(hf, tokens), rtol=0, atol=ATOL)
+                             hf_logits(hf, tokens), rtol=0, atol=ATOL)
 
 
 def test_load_into_sharded_device_arrays(untied):
@@ -122,14 +117,14 @@ def test_bf16_checkpoint(untied, tmp_path):
   # distance to the fp32 logits). 0.15 passes that with margin and still catches a real error
   # (a wrong weight or layout moves the logits by O(1)).
   tokens = tokens_for(hf)
-  ref = torch_logits(hf, tokens)
+  ref = hf_logits(hf, tokens)
   out = np.asarray(fwd(params, cfg, jnp.asarray(tokens)))
-  fp32 = torch_logits(hf.float(), tokens)  # same (bf16-rounded) weights, fp32 arithmetic
+  fp32 = hf_logits(hf.float(), tokens)  # same (bf16-rounded) weights, fp32 arithmetic
   # Measured: |jax-torch| 0.051, |jax-fp32| 0.030, |torch-fp32| 0.047.
   np.testing.assert_allclose(out, ref, rtol=0, atol=0.15)
   assert np.abs(out - fp32).max() <= 0.15
   # The checkpoint really holds rounded weights (its fp32 logits differ from the fp32 model's).
-  assert np.abs(torch_logits(hf32, tokens) - fp32).max() > 1e-3
+  assert np.abs(hf_logits(hf32, tokens) - fp32).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -305,7 +300,7 @@ def test_gguf_matches_transformers(tmp_path, name, overrides):
   assert cfg.tie_embeddings == c.tie_word_embeddings
   assert cfg.rms_norm_eps == pytest.approx(c.rms_norm_eps, rel=1e-6)
   tokens = tokens_for(hf)
-  ref = torch_logits(hf, tokens)
+  ref = hf_logits(hf, tokens)
   out = np.asarray(fwd(params, cfg, jnp.asarray(tokens)))
   np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
   # q/k really are un-permuted (the model output alone would also catch it; this names it).
@@ -371,7 +366,7 @@ def test_default_model_matches_transformers_gguf(smollm2, faster_transformers_gg
                                             dtype=torch.float32).eval()
   ids = np.asarray([tok(PASSAGE)["input_ids"]])
   assert ids.shape[1] > 40
-  ref = torch_logits(hf, ids)
+  ref = hf_logits(hf, ids)
   out = np.asarray(model(jnp.asarray(ids)))
   # Both dequantize the same Q4_1 weights exactly; what remains is float32 arithmetic over 30
   # layers on logits of magnitude ~30 (relative 3e-5: measured max ~1.5e-4).

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import finercut_jax
 from finercut_jax.model import forward
-from hf_tiny import TINY_CONFIGS, make_hf_model, save_hf_model
+from hf_tiny import TINY_CONFIGS, hf_logits, make_hf_model, save_hf_model
 
 ATOL = 1e-4
 BATCH, SEQ = 2, 40  # 40 > original_max_position_embeddings=32 of the llama3 config
@@ -37,26 +36,6 @@ def tiny(request, tmp_path_factory):
   assert tok is None
   tokens = np.random.RandomState(0).randint(0, hf.config.vocab_size, (BATCH, SEQ))
   return name, hf, model, tokens
-
-
-def hf_logits(hf, tokens, keep=None) -> np.ndarray:
-  """The torch model's logits; sublayers with keep False have their module output zeroed."""
-  handles = []
-  if keep is not None:
-    for layer, block in enumerate(hf.model.layers):
-      if not keep[layer, 0]:
-        # LlamaAttention returns (attn_output, attn_weights); zero the output, keep the rest.
-        handles.append(block.self_attn.register_forward_hook(
-            lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
-      if not keep[layer, 1]:
-        handles.append(block.mlp.register_forward_hook(
-            lambda mod, args, out: torch.zeros_like(out)))
-  try:
-    with torch.no_grad():
-      return hf(torch.as_tensor(tokens)).logits.float().numpy()
-  finally:
-    for h in handles:
-      h.remove()
 
 
 def test_config_read_from_checkpoint(tiny):
