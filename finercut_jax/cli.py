@@ -6,7 +6,7 @@ import contextlib
 import errno
 import sys
 
-from absl import flags
+from absl import app, flags, logging
 
 # Expected failures: invalid settings or files (ValueError and its subclasses), missing files and
 # unwritable, read-only or full disks (OSError).
@@ -16,6 +16,16 @@ EXPECTED = (ValueError, OSError)
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def start(argv: list[str]) -> None:
+  """What an entry point on a finished run does first: positional arguments are refused, and
+  absl's log stays at WARNING unless --verbosity is given (Orbax logs every save and restore at
+  INFO)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -80,6 +90,15 @@ def override_section(defaults, given, name: str, where: str):
           into[key] = value
   merge(defaults, values, f"{name}.")
   return defaults
+
+
+def run_mesh(run_dir: str):
+  """The mesh a run searched on (its config's `scorer.mesh_model`), over this job's devices."""
+  import os
+
+  from finercut_jax import io, sharding
+  run_config = io.read_json(os.path.join(run_dir, "config.json"), {})
+  return sharding.make_mesh(model=run_config.get("scorer", {}).get("mesh_model", 1))
 
 
 @contextlib.contextmanager

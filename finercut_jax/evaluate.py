@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from finercut_jax import cli
@@ -29,21 +29,13 @@ except (AttributeError, KeyError) as e:
 def run(run_dir: str, overrides: dict | None = None) -> dict:
   """Evaluates `run_dir` (every process of a multi-process job calls this; the run directory is
   on a file system they all see, as the job's Orbax checkpoints need)."""
-  import os
-
-  from finercut_jax import io, sharding
   with cli.existing_run(run_dir):
     config = run_eval_config(run_dir, overrides)
-    mesh_model = io.read_json(os.path.join(run_dir, "config.json"), {}).get(
-        "scorer", {}).get("mesh_model", 1)
-    return evaluate_run(run_dir, config, mesh=sharding.make_mesh(model=mesh_model))
+    return evaluate_run(run_dir, config, mesh=cli.run_mesh(run_dir))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  cli.start(argv)
   overrides = config_flags.get_override_values(flags.FLAGS["eval"])
   with cli.expected_errors():
     run(_RUN_DIR.value, overrides)

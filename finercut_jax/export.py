@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from finercut_jax import cli
 from finercut_jax.hf_export import DEFAULT_SHARD_BYTES, FORMATS
@@ -32,23 +32,18 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", DEFAULT_SHARD_BYTES / 1e9,
 
 def run(run_dir: str, out: str, ratio: float | None = None, **kwargs) -> str:
   """Exports `ratio` of `run_dir` (every process of a multi-process job calls this)."""
-  from finercut_jax import io, sharding
+  from finercut_jax import io
   from finercut_jax.hf_export import export_pruned
   with cli.existing_run(run_dir):
-    run_config = io.read_json(os.path.join(run_dir, "config.json"), {})
     if ratio is None:
-      ratio = run_config.get("search", {}).get("ratio")
+      ratio = io.read_json(os.path.join(run_dir, "config.json"), {}).get("search", {}).get("ratio")
       if ratio is None:
         raise FileNotFoundError(f"{run_dir}/config.json has no search.ratio: pass --ratio")
-    mesh = sharding.make_mesh(model=run_config.get("scorer", {}).get("mesh_model", 1))
-    return export_pruned(run_dir, ratio, out, mesh=mesh, **kwargs)
+    return export_pruned(run_dir, ratio, out, mesh=cli.run_mesh(run_dir), **kwargs)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  cli.start(argv)
   with cli.expected_errors():
     import jax
     fmt = run(_RUN_DIR.value, _OUT.value, _RATIO.value, fmt=_FORMAT.value, dtype=_DTYPE.value,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from finercut_jax import cli
@@ -53,10 +53,7 @@ def run(run_dir: str, ratio: float | None = None, overrides: dict | None = None)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  cli.start(argv)
   overrides = config_flags.get_override_values(flags.FLAGS["heal"])
   with cli.expected_errors():
     run(_RUN_DIR.value, _RATIO.value, overrides)
