@@ -126,24 +126,12 @@ def exported_config(base: dict, model: Llama, rows: list[ExportedLayer], fmt: st
   return out
 
 
-def _base_config(model: Llama, source: str | None) -> dict:
-  """The source checkpoint's config.json, or one built from the model's architecture (a GGUF
-  source, or a source that is no longer on disk)."""
+def _source_dir(source: str | None) -> str | None:
+  """The source checkpoint's directory when it is a Hugging Face directory still on disk (not a
+  GGUF file): its config.json and generation_config.json are the export's starting point."""
   from finercut_jax.loading import resolve_path
   path = resolve_path(source) if source else None
-  base = read_json(os.path.join(path, "config.json")) if path and os.path.isdir(path) else None
-  if base is None or base.get("model_type", "llama") not in ("llama", "mistral"):
-    base = model.config.to_hf()
-  return base
-
-
-def source_dtype(source: str | None, fallback) -> str:
-  """The dtype the source checkpoint stores (its config.json's), else `fallback`'s name."""
-  from finercut_jax.loading import resolve_path
-  path = resolve_path(source) if source else None
-  hf = read_json(os.path.join(path, "config.json")) if path and os.path.isdir(path) else None
-  name = (hf or {}).get("dtype") or (hf or {}).get("torch_dtype")
-  return jnp.dtype(name or fallback).name
+  return path if path and os.path.isdir(path) else None
 
 
 # ----------------------------------------------------------------------------- weights
@@ -241,11 +229,18 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
   fmt, rows = layer_plan(keep, fmt)
   distributed.on_primary(lambda: check_output_dir(out))
   model = model.prune(keep)
-  dtype = dtype or source_dtype(source, model.params()["embed"].dtype)
-  if str(jnp.dtype(dtype) if not isinstance(dtype, str) else dtype) not in _DTYPES:
+  source_dir = _source_dir(source)
+  source_config = read_json(os.path.join(source_dir, "config.json")) if source_dir else None
+  # The dtype the source stores (its config.json's), else the checkpoint's (a GGUF source).
+  dtype = (dtype or (source_config or {}).get("dtype") or (source_config or {}).get("torch_dtype")
+           or model.params()["embed"].dtype)
+  if (dtype if isinstance(dtype, str) else jnp.dtype(dtype).name) not in _DTYPES:
     raise ExportError(f"dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
   dtype = jnp.dtype(dtype)
-  config = exported_config(_base_config(model, source), model, rows, fmt, dtype.name)
+  # A GGUF source (or a source no longer on disk, or of another family): built from the model.
+  base = (source_config if source_config and source_config.get("model_type", "llama") in
+          ("llama", "mistral") else model.config.to_hf())
+  config = exported_config(base, model, rows, fmt, dtype.name)
   if tokenizer is not None:  # a config built from a GGUF source has no special token ids
     config.setdefault("bos_token_id", tokenizer.bos_token_id)
     config.setdefault("eos_token_id", tokenizer.eos_token_id)
@@ -256,7 +251,7 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
   try:
     _write_weights(tmp if primary else None, tensors, dtype, max_shard_bytes)
     distributed.on_primary(lambda: _write_metadata(
-        tmp, config, fmt, rows, keep, dtype, tokenizer, source, provenance))
+        tmp, config, fmt, rows, keep, dtype, tokenizer, source, source_dir, provenance))
     distributed.on_primary(lambda: _publish(tmp, out))
   finally:
     if primary:
@@ -264,18 +259,16 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
   return fmt
 
 
-def _write_metadata(directory, config, fmt, rows, keep, dtype, tokenizer, source, provenance):
+def _write_metadata(directory, config, fmt, rows, keep, dtype, tokenizer, source, source_dir,
+                    provenance):
   from transformers import GenerationConfig
-
-  from finercut_jax.loading import resolve_path
   atomic_write_json(os.path.join(directory, "config.json"), config)
   if fmt == "decilm":
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "decilm_config.py"),
                     os.path.join(directory, _DECILM_CONFIG_FILE))
   if tokenizer is not None:
     tokenizer.save_pretrained(directory)
-  path = resolve_path(source) if source else None
-  generation = os.path.join(path, "generation_config.json") if path else None
+  generation = os.path.join(source_dir, "generation_config.json") if source_dir else None
   if generation and os.path.isfile(generation):
     shutil.copyfile(generation, os.path.join(directory, "generation_config.json"))
   elif tokenizer is not None:

