@@ -1,4 +1,7 @@
 """Tiny random transformers Llama models saved to disk: the independent reference for parity."""
+import json
+import os
+
 import numpy as np
 import torch
 from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
@@ -53,6 +56,16 @@ def hf_logits(hf, tokens, keep=None) -> np.ndarray:
   finally:
     for h in handles:
       h.remove()
+
+
+def edit_config(directory, edit):
+  """Applies `edit(dict)` to a saved checkpoint's config.json."""
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  edit(cfg)
+  with open(path, "w") as f:
+    json.dump(cfg, f)
 
 
 def save_hf_model(model, directory) -> str:

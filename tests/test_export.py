@@ -25,7 +25,7 @@ from finercut_jax import checkpoint, hf_export
 from finercut_jax.evaluation.perplexity import perplexity
 from finercut_jax.hf_export import ExportError
 from finercut_jax.scorer import Candidate, Scorer
-from hf_tiny import hf_logits, make_hf_model, make_tokenizer, save_hf_model
+from hf_tiny import edit_config, hf_logits, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = 5
@@ -41,12 +41,7 @@ def source(request, tmp_path_factory):
   root = tmp_path_factory.mktemp(request.param)
   directory = save_hf_model(make_hf_model(request.param, seed=2, num_layers=L), root / "model")
   tokenizer = make_tokenizer(directory)
-  path = os.path.join(directory, "config.json")
-  with open(path) as f:
-    config = json.load(f)
-  config["layer_types"] = ["full_attention"] * L
-  with open(path, "w") as f:
-    json.dump(config, f)
+  edit_config(directory, lambda config: config.update(layer_types=["full_attention"] * L))
   model, _ = finercut_jax.load_model(directory)
   return directory, model, tokenizer
 

@@ -24,7 +24,7 @@ import finercut_jax
 from finercut_jax import CheckpointError, UnsupportedConfigError, load_model, load_params
 from finercut_jax import loading
 from finercut_jax.model import forward
-from hf_tiny import hf_logits, make_hf_model, save_hf_model
+from hf_tiny import edit_config, hf_logits, make_hf_model, save_hf_model
 
 # float32 parity tolerance: see test_model.py (logits O(1), measured differences <= ~2e-5).
 ATOL = 1e-4
@@ -139,15 +139,6 @@ def _edit_tensors(directory, edit):
   safetensors.numpy.save_file(tensors, path, metadata=metadata)
 
 
-def _edit_config(directory, edit):
-  path = os.path.join(directory, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  edit(cfg)
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 def _set(key, value):
   return lambda cfg: cfg.__setitem__(key, value)
 
@@ -187,17 +178,17 @@ ERRORS = {
                        r"unknown tensors \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"),
     "missing_tensor": (lambda d: _edit_tensors(d, _missing), CheckpointError,
                        r"tensor model\.layers\.2\.post_attention_layernorm\.weight is missing"),
-    "rope_yarn": (lambda d: _edit_config(d, _yarn), UnsupportedConfigError,
+    "rope_yarn": (lambda d: edit_config(d, _yarn), UnsupportedConfigError,
                   r"config\.json: unsupported config field rope_type='yarn'"),
-    "attention_bias": (lambda d: _edit_config(d, _set("attention_bias", True)),
+    "attention_bias": (lambda d: edit_config(d, _set("attention_bias", True)),
                        UnsupportedConfigError, r"config\.json: .*field attention_bias=True"),
-    "mlp_bias": (lambda d: _edit_config(d, _set("mlp_bias", True)), UnsupportedConfigError,
+    "mlp_bias": (lambda d: edit_config(d, _set("mlp_bias", True)), UnsupportedConfigError,
                  r"config\.json: .*field mlp_bias=True"),
-    "sliding_window": (lambda d: _edit_config(d, _set("sliding_window", 4096)),
+    "sliding_window": (lambda d: edit_config(d, _set("sliding_window", 4096)),
                        UnsupportedConfigError, r"config\.json: .*field sliding_window=4096"),
-    "hidden_act": (lambda d: _edit_config(d, _set("hidden_act", "gelu")), UnsupportedConfigError,
+    "hidden_act": (lambda d: edit_config(d, _set("hidden_act", "gelu")), UnsupportedConfigError,
                    r"config\.json: .*field hidden_act='gelu'"),
-    "model_type": (lambda d: _edit_config(d, _set("model_type", "gpt2")), UnsupportedConfigError,
+    "model_type": (lambda d: edit_config(d, _set("model_type", "gpt2")), UnsupportedConfigError,
                    r"config\.json: .*field model_type='gpt2'"),
 }
 
