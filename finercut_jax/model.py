@@ -1,9 +1,12 @@
 """The Llama-family decoder as Flax NNX modules that take per-sublayer masks.
 
 Modules: `RMSNorm`; `Attention` (its input norm, grouped-query attention with rotary embeddings,
-Llama-3.1 frequency scaling included, and a KV-cache path for decoding); `MLP` (its input norm and
-the SwiGLU FFN); `DecoderStack` (every layer's attention and MLP, stacked by kind); `Llama`.
-Projections are `nnx.Linear`, so any of them can be wrapped (e.g. in `nnx.LoRA`).
+Llama-3.1 frequency scaling included, Qwen2's q/k/v biases and Mistral's sliding window when
+configured, and a KV-cache path for decoding); `MLP` (its input norm and the SwiGLU FFN); `MoE`
+(Mixtral's FFN sublayer: its input norm, a router and SwiGLU `Experts`); `DecoderStack` (every
+layer's attention and FFN, stacked by kind); `Llama`. One implementation of each sublayer serves
+every family; the config says which parts a family has. Projections are `nnx.Linear`, so any of
+them can be wrapped (e.g. in `nnx.LoRA`).
 
 A model has L blocks; block l is two residual sublayers, `h + Attn_l(h)` then `h + MLP_l(h)`.
 Sublayer id `s = 2*l + k` (k=0 attention, k=1 MLP). A `keep` mask `[L, 2]` of booleans removes
@@ -21,7 +24,9 @@ Parameters carry their logical axes (`out_sharding` metadata, e.g. `("layers", "
 and from the checkpoint layout (`Params`) that loading and the pruned checkpoints use:
   embed       [V, D]
   layers/attn_norm [L, D], wq [L, D, H*hd], wk [L, D, KV*hd], wv [L, D, KV*hd], wo [L, H*hd, D]
+         (Qwen2 adds bq [L, H*hd], bk [L, KV*hd], bv [L, KV*hd])
   layers/ffn_norm  [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]
+         (Mixtral: router [L, D, E], w_gate [L, E, D, F], w_up [L, E, D, F], w_down [L, E, F, D])
   final_norm  [D]
   lm_head     [D, V]   (absent when embeddings are tied)
 and, for a pruned model, `attn/{attn_norm, wq, wk, wv, wo}` `[n_attn, ...]` and
@@ -43,30 +48,51 @@ from finercut_jax.config import LlamaConfig
 
 Params = dict[str, Any]
 ATTN, FFN = 0, 1
-ATTN_PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo")
-FFN_PARAM_NAMES = ("ffn_norm", "w_gate", "w_up", "w_down")
-LAYER_PARAM_NAMES = ATTN_PARAM_NAMES + FFN_PARAM_NAMES
-# Checkpoint-layout name -> (attribute, variable) inside `Attention` / `MLP`.
-_ATTN_PATHS = {"attn_norm": ("norm", "weight"), "wq": ("q_proj", "kernel"),
-               "wk": ("k_proj", "kernel"), "wv": ("v_proj", "kernel"), "wo": ("o_proj", "kernel")}
-_FFN_PATHS = {"ffn_norm": ("norm", "weight"), "w_gate": ("gate_proj", "kernel"),
-              "w_up": ("up_proj", "kernel"), "w_down": ("down_proj", "kernel")}
+# Every name an attention / FFN sublayer may hold in the checkpoint layout (a config holds a subset:
+# `sublayer_param_names`).
+ATTN_PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv")
+FFN_PARAM_NAMES = ("ffn_norm", "router", "w_gate", "w_up", "w_down")
 INIT_STD = 0.02
+
+
+def _attn_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """Checkpoint-layout name -> path of the variable inside `Attention`."""
+  paths = {"attn_norm": ("norm", "weight"), "wq": ("q_proj", "kernel"),
+           "wk": ("k_proj", "kernel"), "wv": ("v_proj", "kernel"), "wo": ("o_proj", "kernel")}
+  if cfg.qkv_bias:
+    paths.update(bq=("q_proj", "bias"), bk=("k_proj", "bias"), bv=("v_proj", "bias"))
+  return paths
+
+
+def _ffn_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """Checkpoint-layout name -> path of the variable inside `MLP` (or `MoE`)."""
+  if cfg.is_moe:
+    return {"ffn_norm": ("norm", "weight"), "router": ("router", "kernel"),
+            "w_gate": ("experts", "gate"), "w_up": ("experts", "up"),
+            "w_down": ("experts", "down")}
+  return {"ffn_norm": ("norm", "weight"), "w_gate": ("gate_proj", "kernel"),
+          "w_up": ("up_proj", "kernel"), "w_down": ("down_proj", "kernel")}
+
+
+def sublayer_param_names(cfg: LlamaConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The checkpoint-layout names of one attention sublayer's and one FFN sublayer's parameters."""
+  return tuple(_attn_paths(cfg)), tuple(_ffn_paths(cfg))
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
   """Shapes of every parameter of the dense model, in the checkpoint layout."""
   L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  shapes = {
-      "embed": (V, D),
-      "layers": {
-          "attn_norm": (L, D), "wq": (L, D, q), "wk": (L, D, kv), "wv": (L, D, kv),
-          "wo": (L, q, D), "ffn_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
-          "w_down": (L, F, D),
-      },
-      "final_norm": (D,),
-  }
+  layers = {"attn_norm": (L, D), "wq": (L, D, q), "wk": (L, D, kv), "wv": (L, D, kv),
+            "wo": (L, q, D), "ffn_norm": (L, D)}
+  if cfg.qkv_bias:
+    layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+  if cfg.is_moe:
+    E = cfg.num_experts
+    layers.update(router=(L, D, E), w_gate=(L, E, D, F), w_up=(L, E, D, F), w_down=(L, E, F, D))
+  else:
+    layers.update(w_gate=(L, D, F), w_up=(L, D, F), w_down=(L, F, D))
+  shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
   if not cfg.tie_embeddings:
     shapes["lm_head"] = (D, V)
   return shapes
@@ -80,7 +106,9 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float 
   keys = jax.random.split(key, len(flat))
   out = []
   for k, (path, shape) in zip(keys, flat):
-    if "norm" in jax.tree_util.keystr(path):
+    if path[-1].key in ("bq", "bk", "bv"):
+      out.append(jnp.zeros(shape, dtype))
+    elif "norm" in jax.tree_util.keystr(path):
       out.append(jnp.ones(shape, dtype))
     else:
       out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
@@ -128,10 +156,11 @@ def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
 
 
 def _linear(d_in: int, d_out: int, axes: tuple[str, str], *, rngs, dtype, param_dtype,
-            **kwargs) -> nnx.Linear:
+            use_bias: bool = False, **kwargs) -> nnx.Linear:
   init = nnx.with_partitioning(nnx.initializers.normal(INIT_STD), axes, eager_sharding=False)
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=init, rngs=rngs, **kwargs)
+  bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, bias_init=bias_init, rngs=rngs, **kwargs)
 
 
 class RMSNorm(nnx.Module):
@@ -149,10 +178,14 @@ class RMSNorm(nnx.Module):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions, k_positions,
-           scale: float) -> jax.Array:
+           scale: float, window: int | None = None) -> jax.Array:
   """Grouped-query attention of q `[B, t, H, hd]` over k, v `[B, S, KV, hd]`: a query sees the
-  keys at positions up to its own (`q_positions` `[t]`/`[B, t]`, `k_positions` `[S]`)."""
-  visible = k_positions[..., None, :] <= q_positions[..., :, None]  # [t, S] or [B, t, S]
+  keys at positions up to its own (`q_positions` `[t]`/`[B, t]`, `k_positions` `[S]`), and with a
+  `window` only the last `window` of them (its own included), as transformers' sliding window."""
+  distance = q_positions[..., :, None] - k_positions[..., None, :]  # [t, S] or [B, t, S]
+  visible = distance >= 0
+  if window is not None:
+    visible = visible & (distance < window)
   visible = visible[None, None] if visible.ndim == 2 else visible[:, None]
   return jax.nn.dot_product_attention(q, k, v, mask=visible, scale=scale)
 
@@ -165,9 +198,9 @@ class Attention(nnx.Module):
     D, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.q_proj = _linear(D, q, ("embed", "q_heads"), **kw)
-    self.k_proj = _linear(D, kv, ("embed", "kv_heads"), **kw)
-    self.v_proj = _linear(D, kv, ("embed", "kv_heads"), **kw)
+    self.q_proj = _linear(D, q, ("embed", "q_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = _linear(D, kv, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = _linear(D, kv, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.o_proj = _linear(q, D, ("q_heads", "embed"), **kw)
 
   def _qkv(self, x, positions):
@@ -184,7 +217,8 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions) -> jax.Array:
     """x `[B, T, D]` at `positions` `[T]` (or `[B, T]`), causal."""
     q, k, v = self._qkv(x, positions)
-    return self._out(attend(q, k, v, positions, positions, self.config.head_dim ** -0.5))
+    return self._out(attend(q, k, v, positions, positions, self.config.head_dim ** -0.5,
+                            self.config.sliding_window))
 
   def cached(self, x: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array):
     """New tokens x `[B, t, D]` at `positions` `[B, t]` attending to themselves and this layer's
@@ -196,7 +230,7 @@ class Attention(nnx.Module):
     rows = jnp.arange(x.shape[0])[:, None]
     all_k, all_v = keys.at[rows, positions].set(k), values.at[rows, positions].set(v)
     o = attend(q, all_k.astype(q.dtype), all_v.astype(q.dtype), positions,
-               jnp.arange(keys.shape[1]), self.config.head_dim ** -0.5)
+               jnp.arange(keys.shape[1]), self.config.head_dim ** -0.5, self.config.sliding_window)
     return self._out(o), k, v
 
 
@@ -214,6 +248,73 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.norm(x)
     return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Experts(nnx.Module):
+  """A mixture's SwiGLU experts, their weights stacked on a leading "experts" axis: `gate`, `up`
+  `[E, D, F]` and `down` `[E, F, D]` (each expert's F units split over the model axis, like a
+  dense FFN's)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    self.dtype = dtype
+
+    def param(shape, axes):
+      value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+      return nnx.Param(value.astype(param_dtype), out_sharding=axes, eager_sharding=False)
+
+    self.gate = param((E, D, F), ("experts", "embed", "mlp"))
+    self.up = param((E, D, F), ("experts", "embed", "mlp"))
+    self.down = param((E, F, D), ("experts", "mlp", "embed"))
+
+  def __call__(self, h: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum over experts e of `weights[..., e]` (float32) times expert e's SwiGLU of h `[..., D]`.
+
+    Every expert runs on every token and a token's unrouted experts get weight 0 (dense-masked
+    dispatch): static shapes, no token ever dropped, so the output is exactly transformers'
+    (which adds the routed experts in expert order, as this loop does). It costs E/k times the
+    routed FLOPs; capacity-based dispatch would drop tokens past an expert's capacity and change
+    the very output the scorer measures, and `jax.lax.ragged_dot` (dropless grouped matmuls)
+    cannot be vmapped over the scorer's candidates in this JAX (its batching rule is not
+    implemented)."""
+    dtype = self.dtype or h.dtype
+    h = h.astype(dtype)
+
+    def expert(acc, xs):
+      gate, up, down, w = xs
+      y = jnp.dot(jax.nn.silu(h @ gate.astype(dtype)) * (h @ up.astype(dtype)), down.astype(dtype))
+      # where, not a product: an unrouted expert's output (even inf) adds exactly nothing.
+      return acc + jnp.where(w[..., None] > 0, y.astype(jnp.float32) * w[..., None], 0).astype(
+          acc.dtype), None
+
+    xs = (self.gate[...], self.up[...], self.down[...], jnp.moveaxis(weights, -1, 0))
+    return jax.lax.scan(expert, jnp.zeros(h.shape, dtype), xs)[0]
+
+
+class MoE(nnx.Module):
+  """Mixtral's FFN sublayer branch: RMSNorm, then each token's top-k experts weighted by the
+  router's softmax probabilities (float32) renormalised over those k, as transformers computes
+  them."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    D = cfg.hidden_size
+    self.top_k = cfg.num_experts_per_tok
+    self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.router = _linear(D, cfg.num_experts, ("embed", "experts"), rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+    self.experts = Experts(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def routing(self, h: jax.Array) -> jax.Array:
+    """Each token's weight per expert `[..., E]` (float32; 0 for the experts it is not routed to)
+    from the normed stream h."""
+    probs = jax.nn.softmax(self.router(h).astype(jnp.float32), axis=-1)
+    top, index = jax.lax.top_k(probs, self.top_k)
+    top = top / top.sum(axis=-1, keepdims=True)
+    return jnp.einsum("...k,...ke->...e", top, jax.nn.one_hot(index, probs.shape[-1]))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.norm(x)
+    return self.experts(h, self.routing(h)).astype(x.dtype)
 
 
 def _stacked(make, n: int, rngs: nnx.Rngs):
@@ -251,7 +352,8 @@ class DecoderStack(nnx.Module):
     self.present = tuple(tuple(bool(x) for x in row) for row in present)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.attn = _stacked(lambda r: Attention(cfg, rngs=r, **kw), int(present[:, ATTN].sum()), rngs)
-    self.mlp = _stacked(lambda r: MLP(cfg, rngs=r, **kw), int(present[:, FFN].sum()), rngs)
+    ffn = MoE if cfg.is_moe else MLP
+    self.mlp = _stacked(lambda r: ffn(cfg, rngs=r, **kw), int(present[:, FFN].sum()), rngs)
 
   @property
   def present_mask(self) -> np.ndarray:
@@ -448,7 +550,8 @@ class Llama(nnx.Module):
     ffn = params["ffn"] if pruned else params["layers"]
     pure = {"embed": {"embedding": params.get("embed")},
             "final_norm": {"weight": params.get("final_norm")},
-            "layers": {"attn": _nest(attn, _ATTN_PATHS), "mlp": _nest(ffn, _FFN_PATHS)}}
+            "layers": {"attn": _nest(attn, _attn_paths(config)),
+                       "mlp": _nest(ffn, _ffn_paths(config))}}
     if not config.tie_embeddings:
       pure["lm_head"] = {"kernel": params.get("lm_head")}
     _check_and_fill(state, pure)
@@ -458,8 +561,8 @@ class Llama(nnx.Module):
     """The parameters in the checkpoint layout (dense: `layers`; else `attn` and `ffn`)."""
     state = nnx.to_pure_dict(nnx.state(self, nnx.Param))
     layers = state["layers"]
-    attn = {k: layers["attn"][a][b] for k, (a, b) in _ATTN_PATHS.items()}
-    ffn = {k: layers["mlp"][a][b] for k, (a, b) in _FFN_PATHS.items()}
+    attn = {k: layers["attn"][a][b] for k, (a, b) in _attn_paths(self.config).items()}
+    ffn = {k: layers["mlp"][a][b] for k, (a, b) in _ffn_paths(self.config).items()}
     out = {"embed": state["embed"]["embedding"], "final_norm": state["final_norm"]["weight"]}
     if self.lm_head is not None:
       out["lm_head"] = state["lm_head"]["kernel"]
@@ -481,7 +584,7 @@ def prune_params(params: Params, keep, present=None) -> Params:
     index = np.flatnonzero(keep[present[:, kind], kind])
     # Every row kept: the same arrays, not a copy (a checkpoint of a model pruned already).
     out[group] = {k: stack[k] if len(index) == stack[k].shape[0] else stack[k][index]
-                  for k in names}
+                  for k in names if k in stack}
   return out
 
 
@@ -494,7 +597,7 @@ def _forward(graphdef, state, tokens, keep):
 def _nest(group: Params, paths: dict) -> dict:
   out = {}
   for name, (attr, var) in paths.items():
-    out[attr] = {var: group.get(name)}
+    out.setdefault(attr, {})[var] = group.get(name)
   return out
 
 
@@ -524,7 +627,7 @@ def logical_axes(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
   out = {"embed": axes(model.embed.embedding), "final_norm": axes(model.final_norm.weight)}
   if model.lm_head is not None:
     out["lm_head"] = axes(model.lm_head.kernel)
-  for stack, paths in ((model.layers.attn, _ATTN_PATHS), (model.layers.mlp, _FFN_PATHS)):
+  for stack, paths in ((model.layers.attn, _attn_paths(cfg)), (model.layers.mlp, _ffn_paths(cfg))):
     for name, (attr, var) in paths.items():
       out[name] = axes(getattr(getattr(stack, attr), var))
   return out

@@ -106,7 +106,7 @@ def sublayer_flops(cfg: LlamaConfig, num_sequences: int, seq_len: int) -> tuple[
   q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
   # Projections, plus QK^T and AV over the causal half of the T x T scores.
   attn = 2 * tokens * d * (2 * q + 2 * kv) + 2 * num_sequences * seq_len * seq_len * cfg.num_heads * hd
-  ffn = 6 * tokens * d * cfg.intermediate_size
+  ffn = tokens * cfg.ffn_flops_per_token(computed=True)
   head = 2 * tokens * d * cfg.vocab_size
   return float(attn), float(ffn), float(head)
 

@@ -17,8 +17,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 CAND, MODEL = "cand", "model"
 
 # Megatron-style tensor parallelism: heads and FFN hidden units split, the residual stream whole.
+# A mixture's experts are split the same way (each expert's FFN units over the model axis, every
+# device holding a slice of every expert), so routing needs no all-to-all: the dense-masked
+# dispatch of `model.Experts` runs every expert on every token anyway.
 RULES = {"q_heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL,
-         "embed": None, "layers": None}
+         "embed": None, "layers": None, "experts": None}
 
 
 def make_mesh(cand: int | None = None, model: int = 1, devices=None) -> Mesh:

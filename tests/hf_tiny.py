@@ -1,10 +1,17 @@
-"""Tiny random transformers Llama models saved to disk: the independent reference for parity."""
+"""Tiny random transformers models (Llama and the other families the model implements) saved to
+disk: the independent reference for parity."""
 import json
 import os
 
 import numpy as np
 import torch
-from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+import transformers
+
+# family -> (transformers config class, model class)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 TINY_CONFIGS = {
     # GQA with tied embeddings.
@@ -20,21 +27,39 @@ TINY_CONFIGS = {
     "single_kv": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
 }
 
+# The other families, each with what sets it apart from Llama.
+FAMILY_CONFIGS = {
+    # A sliding window of 6 positions, far below the tests' sequence length.
+    "mistral_window": dict(family="mistral", num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=6, tie_word_embeddings=False),
+    # q/k/v biases, tied embeddings, Qwen2.5's rope theta.
+    "qwen2_tied": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Top-2 of 4 experts, untied.
+    "mixtral_top2": dict(family="mixtral", num_attention_heads=4, num_key_value_heads=2,
+                         num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+}
 
-def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides) -> LlamaForCausalLM:
+
+def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
+  """A tiny random transformers model of the config `name` (TINY_CONFIGS or FAMILY_CONFIGS)."""
   # initializer_range 0.1 (HF default 0.02) makes the logits O(1) (std ~0.8, max ~3) and the
   # attention non-uniform, so a parity tolerance of 1e-4 is a relative test, not a vacuous one.
   kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
                 rms_norm_eps=1e-5, max_position_embeddings=128, initializer_range=0.1)
-  kwargs.update(TINY_CONFIGS[name])
+  kwargs.update({**TINY_CONFIGS, **FAMILY_CONFIGS}[name])
   kwargs.update(overrides)
+  config_class, model_class = FAMILIES[kwargs.pop("family", "llama")]
   torch.manual_seed(seed)
-  model = LlamaForCausalLM(HFLlamaConfig(**kwargs)).eval()
-  # Default init makes norms exactly one; random norms test that their weights are applied.
+  model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
+  # Default init makes norms exactly one and biases zero; random ones test that they are applied.
   with torch.no_grad():
     for n, p in model.named_parameters():
       if "norm" in n:
         p.copy_(1 + 0.1 * torch.randn_like(p))
+      elif n.endswith(".bias"):
+        p.copy_(0.1 * torch.randn_like(p))
   return model
 
 

@@ -28,10 +28,12 @@ from finercut_jax.evaluation.lm import EvalModel
 def flops_per_token(cfg: LlamaConfig, keep, context: float) -> dict:
   """Forward FLOPs per token of the model `keep` `[L, 2]` at `context` attended keys."""
   keep = np.asarray(keep, bool)
-  D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  D, V = cfg.hidden_size, cfg.vocab_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  if cfg.sliding_window is not None:
+    context = min(context, cfg.sliding_window)
   attn = 2 * D * (q + 2 * kv) + 2 * q * D + 4 * q * context
-  ffn = 6 * D * F
+  ffn = cfg.ffn_flops_per_token()
   head = 2 * D * V
   n_attn, n_ffn = int(keep[:, 0].sum()), int(keep[:, 1].sum())
   return {"total": n_attn * attn + n_ffn * ffn + head, "attn": n_attn * attn,
