@@ -60,8 +60,8 @@ _FIT_STATES = flags.DEFINE_bool(
     "peak leaves --headroom of HBM free, by compiling the step program at each size tried (the "
     "step's temporaries can grow with the kept states); else a linear estimate.")
 
-# config.json fields of the paper's models (the meta-llama repositories on the Hugging Face hub),
-# keyed by checkpoint directory name.
+# config.json fields of the paper's models (the meta-llama and mistralai repositories on the
+# Hugging Face hub), keyed by checkpoint directory name.
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
 _LLAMA2 = dict(vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096)
 ARCHITECTURES = {
@@ -75,6 +75,11 @@ ARCHITECTURES = {
                            num_heads=40, num_kv_heads=40, **_LLAMA2),
     "Llama-2-70b-hf": dict(hidden_size=8192, intermediate_size=28672, num_layers=80,
                            num_heads=64, num_kv_heads=8, **_LLAMA2),
+    # mistralai/Mixtral-8x7B-v0.1 (rms_norm_eps 1e-5, no sliding window).
+    "Mixtral-8x7B-v0.1": dict(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                              num_heads=32, num_kv_heads=8, vocab_size=32000, rope_theta=1e6,
+                              max_position_embeddings=32768, model_type="mixtral", num_experts=8,
+                              num_experts_per_tok=2),
 }
 
 GIB = 2**30

@@ -103,7 +103,7 @@ class LlamaConfig:
 
     model_type = hf.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      refuse("model_type", model_type, f"only {SUPPORTED_MODEL_TYPES} (Llama-family dense) are implemented")
+      refuse("model_type", model_type, f"only {SUPPORTED_MODEL_TYPES} are implemented")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       refuse("hidden_act", act, "only SwiGLU with silu is implemented")

@@ -170,6 +170,11 @@ def add_lora(model: Llama, *, rank: int, alpha: float, dropout: float,
              targets=tuple(LORA_TARGETS), seed: int = 0) -> Llama:
   """Wraps the target projections of every kept sublayer in `LoRALinear`, in place."""
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  experts = [t for t in targets if model.config.is_moe and LORA_TARGETS[t][0] == "mlp"]
+  if experts:
+    raise ValueError(f"heal.lora.targets {','.join(experts)}: LoRA on a mixture's experts is not "
+                     f"implemented; set --config.heal.lora.targets=q,k,v,o (attention) or "
+                     f"--config.heal.method=partial")
   for target in targets:
     kind, name = LORA_TARGETS[target]
     stack = getattr(model.layers, kind)

@@ -1,15 +1,19 @@
 """Pruned models as Hugging Face checkpoints that transformers and vLLM load as they are.
 
 Formats (`FORMATS`):
-  llama         Whole blocks removed: a `LlamaForCausalLM` (or the source's architecture)
-                checkpoint with fewer layers. transformers and vLLM load it with no extra code.
+  llama         Whole blocks removed: the source's architecture (`LlamaForCausalLM`,
+                `MistralForCausalLM`, `Qwen2ForCausalLM`, `MixtralForCausalLM`) with fewer
+                layers. transformers and vLLM load it with no extra code.
   decilm        Any sublayers removed: vLLM's heterogeneous-block format (`DeciLMForCausalLM`,
                 `model_type: "nemotron-nas"`), where `block_configs[i].attention.no_op` /
                 `.ffn.no_op` mark a removed sublayer and its weights are absent.
   llama_zeroed  Any sublayers removed, as a plain Llama: a sublayer removed alone is written as
                 zero weights, which is exact (its residual branch adds 0) but saves nothing for it.
-`auto` picks `llama` when whole blocks alone are removed, else `decilm`. In every format a block
-whose two sublayers are both removed is dropped and the layers after it are renumbered.
+`auto` picks `llama` when whole blocks alone are removed, else `decilm` (`llama_zeroed` for a
+model DeciLM cannot describe: vLLM's DeciLM blocks have no q/k/v biases, experts or sliding
+window, so Qwen2, Mixtral and windowed Mistral models with single sublayers removed export as
+`llama_zeroed`, in their own architecture). In every format a block whose two sublayers are both
+removed is dropped and the layers after it are renumbered.
 
 The `block_configs` fields written are those vLLM's model code reads
 (vllm/model_executor/models/nemotron_nas.py, `DeciLMDecoderLayer.__init__`):
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finercut_jax import distributed
-from finercut_jax.config import decilm_intermediate_size
+from finercut_jax.config import LlamaConfig, decilm_intermediate_size
 from finercut_jax.io import atomic_write_json, read_json
 from finercut_jax.model import ATTN, ATTN_PARAM_NAMES, FFN, Llama
 
@@ -68,15 +72,30 @@ class ExportedLayer:
   ffn: str
 
 
-def layer_plan(keep: np.ndarray, fmt: str) -> tuple[str, list[ExportedLayer]]:
-  """The format `fmt` resolves to (`auto` chosen) and what each exported layer holds."""
+def decilm_refusal(cfg: LlamaConfig) -> str | None:
+  """Why vLLM's DeciLM format cannot hold this architecture, or None when it can."""
+  if cfg.is_moe or cfg.qkv_bias or cfg.sliding_window is not None:
+    what = ("mixture-of-experts FFNs" if cfg.is_moe else "q/k/v biases" if cfg.qkv_bias
+            else f"a sliding window ({cfg.sliding_window})")
+    return f"a {cfg.model_type} model has {what}, which vLLM's DeciLM blocks do not"
+  return None
+
+
+def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig | None = None
+               ) -> tuple[str, list[ExportedLayer]]:
+  """The format `fmt` resolves to (`auto` chosen) and what each exported layer holds; `cfg`, the
+  architecture, decides whether DeciLM can hold it."""
   keep = np.asarray(keep, bool)
   if fmt not in FORMATS:
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   alone = [(l, k) for l in range(len(keep)) for k in (ATTN, FFN)
            if not keep[l, k] and keep[l, 1 - k]]
+  refusal = decilm_refusal(cfg) if cfg is not None else None
   if fmt == "auto":
-    fmt = "decilm" if alone else "llama"
+    fmt = ("llama_zeroed" if refusal else "decilm") if alone else "llama"
+  if fmt == "decilm" and refusal:
+    raise ExportError(f"--format=decilm: {refusal}; use --format=llama_zeroed (removed "
+                      f"sublayers as zero weights, in the source's architecture)")
   if fmt == "llama" and alone:
     names = ", ".join(f"{('attention', 'ffn')[k]} of block {l}" for l, k in alone[:4])
     raise ExportError(
@@ -140,7 +159,7 @@ def _source_dir(source: str | None) -> str | None:
 def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   """`(Hugging Face name, shape, fetch)` for every exported tensor, in file order; `fetch()` is
   that tensor as a host array in the Hugging Face layout (every process calls it)."""
-  from finercut_jax.loading import _HF_LAYER_NAMES, _HF_TOP_NAMES
+  from finercut_jax.loading import _HF_TOP_NAMES, hf_layer_names
   params = model.params()
   stacks = {**params["layers"]} if "layers" in params else {**params["attn"], **params["ffn"]}
   index = model.layers.stack_index.reshape(-1, 2)  # [L, 2]: each sublayer's stack row
@@ -156,15 +175,21 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   name, t = _HF_TOP_NAMES["embed"]
   out = [entry(name, t, params["embed"].shape, lambda: params["embed"])]
   for i, row in enumerate(rows):
-    for ours, (suffix, t) in _HF_LAYER_NAMES.items():
+    for ours, (suffix, t) in hf_layer_names(model.config).items():
       kind = ATTN if ours in ATTN_PARAM_NAMES else FFN
       mode = row.attention if kind == ATTN else row.ffn
       if mode == NO_OP:
         continue
-      stack = stacks[ours]
-      get = ((lambda s=stack, r=int(index[row.block, kind]): s[r]) if mode == WEIGHTS
-             else (lambda s=stack: jnp.zeros(s.shape[1:], s.dtype)))
-      out.append(entry(f"model.layers.{i}.{suffix}", t, stack.shape[1:], get))
+      stack, r = stacks[ours], int(index[row.block, kind])
+      name = f"model.layers.{i}.{suffix}"
+      # A mixture's expert weights: one tensor per expert ({e} in the name).
+      parts = ([(name.format(e=e), (r, e)) for e in range(stack.shape[1])] if "{e}" in suffix
+               else [(name, (r,))])
+      for part, at in parts:
+        shape = stack.shape[len(at):]
+        get = ((lambda s=stack, at=at: s[at]) if mode == WEIGHTS
+               else (lambda s=stack, shape=shape: jnp.zeros(shape, s.dtype)))
+        out.append(entry(part, t, shape, get))
   for ours in ("final_norm", "lm_head"):
     if ours in params:
       name, t = _HF_TOP_NAMES[ours]
@@ -226,7 +251,7 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
   of a multi-process job calls it; process 0 writes. Returns the format written."""
   out = os.path.abspath(out)
   keep = model.present if keep is None else np.asarray(keep, bool) & model.present
-  fmt, rows = layer_plan(keep, fmt)
+  fmt, rows = layer_plan(keep, fmt, model.config)
   distributed.on_primary(lambda: check_output_dir(out))
   model = model.prune(keep)
   source_dir = _source_dir(source)
@@ -237,9 +262,9 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
   if (dtype if isinstance(dtype, str) else jnp.dtype(dtype).name) not in _DTYPES:
     raise ExportError(f"dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
   dtype = jnp.dtype(dtype)
-  # A GGUF source (or a source no longer on disk, or of another family): built from the model.
-  base = (source_config if source_config and source_config.get("model_type", "llama") in
-          ("llama", "mistral") else model.config.to_hf())
+  # A GGUF source (or a source no longer on disk, or a DeciLM one): built from the model.
+  base = (source_config if source_config and source_config.get("model_type", "llama") ==
+          model.config.model_type else model.config.to_hf())
   config = exported_config(base, model, rows, fmt, dtype.name)
   if tokenizer is not None:  # a config built from a GGUF source has no special token ids
     config.setdefault("bos_token_id", tokenizer.bos_token_id)

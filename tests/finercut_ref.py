@@ -12,12 +12,14 @@ tensor-parallel dimension (heads, KV heads, FFN units, vocab) divides a 4-way mo
 granularity. Weights have std 0.3 (not 0.02) so that every sublayer matters: the scores are
 O(1e-4..10) by metric (js_official, averaged over the vocabulary too, is the smallest), far
 above float32 rounding relative to each metric's scale, and the greedy steps have clear winners.
-Norm weights are 1 + 0.1*normal, so that a norm weight not applied shows. The weights are drawn
+Norm weights are 1 + 0.1*normal, so that a norm weight not applied shows. `TINY_MOE` is the same
+model with Mixtral's FFN: top-2 of 4 experts of width 32. The weights are drawn
 with numpy, not `init_params`: on CPU, XLA takes seconds to compile `jax.random.normal` for each
 new shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,6 +31,8 @@ from finercut_jax.model import Llama, forward, param_shapes
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=6, num_heads=8,
                    num_kv_heads=4, head_dim=4, rope_theta=10000.0, tie_embeddings=False)
+TINY_MOE = dataclasses.replace(TINY, model_type="mixtral", num_experts=4, num_experts_per_tok=2)
+CONFIGS = {"llama": TINY, "mixtral": TINY_MOE}
 N, T = 2, 8  # 16 positions
 POSITION_BLOCK = 4  # 4 position blocks: the fused LM-head loop and early termination both run
 METRICS = ("js", "js_official", "kl", "angular", "logit_l2", "ppl")
@@ -37,8 +41,10 @@ _forward = jax.jit(forward, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(seed: int = 0):
-  """(cfg, params, tokens) of the tiny model; cached so that every test shares one copy."""
+def tiny_model(seed: int = 0, family: str = "llama"):
+  """(cfg, params, tokens) of the tiny model (`family` "llama" or "mixtral"); cached so that every
+  test shares one copy."""
+  cfg = CONFIGS[family]
   rng = np.random.default_rng(seed)
 
   def draw(path, shape):
@@ -46,10 +52,10 @@ def tiny_model(seed: int = 0):
       return jnp.asarray(1 + 0.1 * rng.standard_normal(shape), jnp.float32)
     return jnp.asarray(0.3 * rng.standard_normal(shape), jnp.float32)
 
-  params = jax.tree_util.tree_map_with_path(draw, param_shapes(TINY),
+  params = jax.tree_util.tree_map_with_path(draw, param_shapes(cfg),
                                             is_leaf=lambda x: isinstance(x, tuple))
-  tokens = np.random.default_rng(seed + 1).integers(0, TINY.vocab_size, (N, T)).astype(np.int32)
-  return TINY, params, tokens
+  tokens = np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, (N, T)).astype(np.int32)
+  return cfg, params, tokens
 
 
 def logits64(params, cfg, tokens, keep=None) -> np.ndarray:
@@ -194,7 +200,7 @@ def params_digest(params, tokens) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def shared_scorer(metric: str):
+def shared_scorer(metric: str, family: str = "llama"):
   """One scorer per metric on one device (chunk width 1), shared by the tests of a session.
 
   Compiling a scorer's programs dominates these tests' time on a CPU. Sharing also tests that a
@@ -202,20 +208,21 @@ def shared_scorer(metric: str):
   """
   from finercut_jax.scorer import Scorer
   from finercut_jax.sharding import make_mesh
-  cfg, params, tokens = tiny_model()
+  cfg, params, tokens = tiny_model(family=family)
   return Scorer(Llama.from_params(cfg, params), tokens, metric=metric, chunk_width=1, position_block=POSITION_BLOCK,
                 mesh=make_mesh(1, 1), max_candidates=2 * cfg.num_layers)
 
 
 @functools.lru_cache(maxsize=None)
-def shared_search(metric: str = "js"):
+def shared_search(metric: str = "js", family: str = "llama"):
   """The full greedy ordering of the tiny model by the shared scorer (a list of step records)."""
   from finercut_jax.search import SearchSpec, greedy_search
-  cfg = tiny_model()[0]
-  return tuple(greedy_search(shared_scorer(metric), SearchSpec(num_layers=cfg.num_layers)))
+  cfg = tiny_model(family=family)[0]
+  return tuple(greedy_search(shared_scorer(metric, family), SearchSpec(num_layers=cfg.num_layers)))
 
 
 @functools.lru_cache(maxsize=None)
-def shared_reference_greedy(metric: str = "js", kind: str = "sublayers", protect_front=None):
-  cfg, params, tokens = tiny_model()
+def shared_reference_greedy(metric: str = "js", kind: str = "sublayers", protect_front=None,
+                            family: str = "llama"):
+  cfg, params, tokens = tiny_model(family=family)
   return reference_greedy(metric, params, cfg, tokens, kind, protect_front=protect_front)

@@ -3,6 +3,7 @@ disk: the independent reference for parity."""
 import json
 import os
 
+import gguf
 import numpy as np
 import torch
 import transformers
@@ -111,3 +112,66 @@ def make_tokenizer(directory):
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
   fast.save_pretrained(str(directory))
   return fast
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """q/k rows as llama.cpp's convert_hf_to_gguf.py stores them (interleaved RoPE pairs)."""
+  d_out, d_in = w.shape
+  hd = d_out // n_head
+  return w.reshape(n_head, 2, hd // 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
+
+
+def write_gguf(hf, path, *, drop=(), extra=None, skip_keys=(), extra_keys=None) -> str:
+  """A float32 GGUF file of `hf` as llama.cpp's convert_hf_to_gguf.py writes it: its tensor names
+  and metadata, for a Llama its q/k rows permuted, for a Qwen2 (architecture `qwen2`, NEOX RoPE)
+  its q/k rows as they are and its q/k/v biases."""
+  c = hf.config
+  arch = c.model_type
+  head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  assert arch in ("llama", "qwen2"), arch
+  sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+  tensors = {"token_embd.weight": sd["model.embed_tokens.weight"]}
+  hf_layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+  for layer in range(c.num_hidden_layers):
+    for ours, theirs in hf_layer.items():
+      w = sd[f"model.layers.{layer}.{theirs}.weight"]
+      if ours == "attn_q" and arch == "llama":
+        w = llama_cpp_permute(w, c.num_attention_heads)
+      elif ours == "attn_k" and arch == "llama":
+        w = llama_cpp_permute(w, c.num_key_value_heads)
+      tensors[f"blk.{layer}.{ours}.weight"] = w
+      if ours in ("attn_q", "attn_k", "attn_v") and arch == "qwen2":
+        tensors[f"blk.{layer}.{ours}.bias"] = sd[f"model.layers.{layer}.{theirs}.bias"]
+  tensors["output_norm.weight"] = sd["model.norm.weight"]
+  if not c.tie_word_embeddings:
+    tensors["output.weight"] = sd["lm_head.weight"]
+  tensors.update(extra or {})
+  p = arch + "."
+  meta = {
+      p + "block_count": ("uint32", c.num_hidden_layers),
+      p + "context_length": ("uint32", c.max_position_embeddings),
+      p + "embedding_length": ("uint32", c.hidden_size),
+      p + "feed_forward_length": ("uint32", c.intermediate_size),
+      p + "attention.head_count": ("uint32", c.num_attention_heads),
+      p + "attention.head_count_kv": ("uint32", c.num_key_value_heads),
+      p + "attention.key_length": ("uint32", head_dim),
+      p + "attention.value_length": ("uint32", head_dim),
+      p + "rope.freq_base": ("float32", c.rope_parameters["rope_theta"]),
+      p + "attention.layer_norm_rms_epsilon": ("float32", c.rms_norm_eps),
+  }
+  meta.update(extra_keys or {})
+  writer = gguf.GGUFWriter(str(path), arch)
+  for key, (kind, value) in meta.items():
+    if key not in skip_keys:
+      getattr(writer, "add_" + kind)(key, value)
+  for name, w in tensors.items():
+    if name not in drop:
+      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)

@@ -3,7 +3,9 @@
 Used by test_scorer.py in a subprocess with 8 simulated CPU devices: a collective that deadlocks
 on a mesh makes XLA abort the whole process, which must fail one test, not kill the test session.
 
-  python tests/mesh_worker.py OUT.jsonl CAND,MODEL,WIDTH,BACKEND ...
+  python tests/mesh_worker.py OUT.jsonl CAND,MODEL,WIDTH,BACKEND[,FAMILY] ...
+
+FAMILY is the tiny model's family (finercut_ref.CONFIGS: llama, the default, or mixtral).
 """
 import json
 import os
@@ -28,10 +30,10 @@ from finercut_jax.sharding import make_mesh  # noqa: E402
 
 def main(out_path, specs):
   assert len(jax.devices()) == 8, jax.devices()
-  cfg, params, tokens = R.tiny_model()
   with open(out_path, "w") as out:
     for spec in specs:
-      cand, model, width, backend = spec.split(",")
+      cand, model, width, backend, family = (spec + ",llama").split(",")[:5]
+      cfg, params, tokens = R.tiny_model(family=family)
       # Announced first: if the process dies in this config, the test names it.
       out.write(json.dumps({"config": spec, "started": True}) + "\n")
       out.flush()

@@ -1,6 +1,7 @@
 """Evaluation: scoring against independent computations, the KV cache against the full forward,
 prompts and metrics against lm-eval-harness's own task code, chosen answers against transformers'
 PyTorch model, the lm-eval adapter through `simple_evaluate`, and a run's results/plots/report."""
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -20,6 +21,11 @@ TINY = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_laye
                    num_kv_heads=2, head_dim=16, rope_theta=500.0, tie_embeddings=False)
 # Removes attention and FFN sublayers, including a block's both.
 TINY_KEEP = np.array([[1, 1], [0, 1], [1, 0], [0, 0]], bool)
+# The same model in each family's form: a sliding window shorter than the test sequences
+# (Mistral), q/k/v biases (Qwen2), a mixture of experts (Mixtral).
+FAMILY_CHANGES = {"llama": {}, "mistral": dict(model_type="mistral", sliding_window=4),
+                  "qwen2": dict(model_type="qwen2", qkv_bias=True),
+                  "mixtral": dict(model_type="mixtral", num_experts=4, num_experts_per_tok=2)}
 
 
 def random_params(cfg, seed, std):
@@ -37,6 +43,13 @@ def random_params(cfg, seed, std):
 @pytest.fixture(scope="module")
 def tiny_params():
   return random_params(TINY, 1, 0.2)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CHANGES))
+def tiny_family(request):
+  """(cfg, params) of the tiny model in each family's form."""
+  cfg = dataclasses.replace(TINY, **FAMILY_CHANGES[request.param])
+  return cfg, random_params(cfg, 1, 0.2)
 
 
 _REF_ROWS, _REF_LEN = 4, 64
@@ -118,13 +131,14 @@ def test_perplexity_matches_direct_computation(tiny_params):
 # ----------------------------------------------------------------------------- KV cache
 
 
-def test_kv_cache_decode_matches_full_forward(tiny_params):
+def test_kv_cache_decode_matches_full_forward(tiny_family):
+  cfg, params = tiny_family
   keep = TINY_KEEP
-  model = EvalModel.from_dense(TINY, tiny_params, keep)
+  model = EvalModel.from_dense(cfg, params, keep)
   rng = np.random.default_rng(2)
   B, T = 3, 14
   tokens = rng.integers(0, 97, (B, T)).astype(np.int32)
-  full = _dense_logits(tiny_params, TINY, tokens, keep)
+  full = _dense_logits(params, cfg, tokens, keep)
   lengths = np.array([5, 8, 2], np.int32)
   prompt = np.zeros((B, 8), np.int32)
   for r in range(B):
@@ -154,7 +168,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_params):
   for p, g in zip(prompts, generated):
     seq = list(p)
     for _ in range(6):
-      seq.append(int(_dense_logits(tiny_params, TINY, [seq], keep)[0, -1].argmax()))
+      seq.append(int(_dense_logits(params, cfg, [seq], keep)[0, -1].argmax()))
     assert g == seq[len(p):]
 
 
@@ -345,11 +359,22 @@ def tiny_with_tokenizer(smollm2):
   return cfg, params, tokenizer
 
 
-def test_lm_eval_adapter_simple_evaluate(tmp_path, tiny_with_tokenizer, hf_datasets_cache):
+@pytest.fixture(scope="module", params=sorted(FAMILY_CHANGES))
+def family_with_tokenizer(request, tiny_with_tokenizer):
+  """The random SmolLM2-vocabulary model in each family's form (a window of 8 positions)."""
+  cfg, _, tokenizer = tiny_with_tokenizer
+  changes = dict(FAMILY_CHANGES[request.param])
+  if "sliding_window" in changes:
+    changes["sliding_window"] = 8
+  cfg = dataclasses.replace(cfg, **changes)
+  return cfg, random_params(cfg, 3, 0.5), tokenizer
+
+
+def test_lm_eval_adapter_simple_evaluate(tmp_path, family_with_tokenizer, hf_datasets_cache):
   import lm_eval
   from lm_eval.tasks import TaskManager
   from finercut_jax.evaluation.lm_eval_adapter import JaxLM
-  cfg, params, tokenizer = tiny_with_tokenizer
+  cfg, params, tokenizer = family_with_tokenizer
   keep = np.array([[1, 1], [0, 1], [1, 0]], bool)
   model = EvalModel.from_dense(cfg, params, keep, name="pruned")
   docs = [{"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "label": 0},

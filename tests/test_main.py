@@ -24,7 +24,7 @@ from finercut_jax import checkpoint, data, main
 from finercut_jax import search as search_module
 from finercut_jax.defaults import base_config
 from finercut_jax.model import param_shapes
-from finercut_jax.model import ATTN_PARAM_NAMES, FFN_PARAM_NAMES
+from finercut_jax.model import sublayer_param_names
 from hf_tiny import WORDS, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def stored_params(directory):
 def sublayer_sizes(cfg):
   shapes = param_shapes(cfg)["layers"]
   size = lambda names: sum(int(np.prod(shapes[n][1:])) for n in names)
-  return size(ATTN_PARAM_NAMES), size(FFN_PARAM_NAMES)
+  return tuple(size(names) for names in sublayer_param_names(cfg))
 
 
 # ----------------------------------------------------------------------------- pruned checkpoints
@@ -71,8 +71,7 @@ def test_pruned_checkpoint_round_trip(name, tmp_path):
   # The removed sublayers' weights are not in the checkpoint at all.
   stored = stored_params(directory)
   assert "layers" not in stored
-  for group, names, kept in (("attn", ATTN_PARAM_NAMES, keep[:, 0].sum()),
-                             ("ffn", FFN_PARAM_NAMES, keep[:, 1].sum())):
+  for group, names, kept in zip(("attn", "ffn"), sublayer_param_names(cfg), keep.sum(axis=0)):
     if kept == 0:
       assert group not in stored
     else:

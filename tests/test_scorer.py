@@ -80,6 +80,18 @@ def test_scores_match_reference(metric):
     assert stats.sequence_fraction == 1.0  # score() computes every sequence of every candidate
 
 
+def test_mixtral_scores_match_reference():
+  """The tiny Mixtral (mixture-of-experts FFN sublayers) through the same calls: the scorer's
+  prefix reuse, kept states and vmapped candidates route every token as a full forward does."""
+  cfg, params, tokens = R.tiny_model(family="mixtral")
+  scorer = R.shared_scorer("js", "mixtral")
+  for what, keep, candidates in scoring_calls():
+    scores, _ = scorer.score(keep, candidates)
+    want = R.reference_scores("js", params, cfg, tokens, keep, candidates)
+    assert np.all(want > 1e-3), f"{what}: reference scores too small to test anything: {want}"
+    R.assert_scores_close(scores, want, RTOL, f"mixtral, {what}")
+
+
 @pytest.mark.parametrize("states", [3, 0])
 def test_state_memory_budget(states):
   """A budget for 3 kept states per candidate slot coarsens them to every 4th boundary (of 12);
@@ -138,7 +150,10 @@ def test_step_accounting():
 # 3 (4x2) and 6 (2x4): width 3 divides 3, width 4 does not divide 6, width 3 exceeds 2; and the
 # candidate count shrinks from 12 to 1 over the search, so every width > 1 meets counts it does
 # not divide. The model axis splits heads (8 and 4), FFN units (32) and vocab (64) evenly.
-MESH_CONFIGS = ["8,1,1,jit", "4,2,3,jit", "2,4,4,jit", "8,1,3,pmap"]
+# The tiny Mixtral runs with its experts' FFN units split over a 4-way model axis, and on 8
+# candidate devices, against its own references.
+MESH_CONFIGS = ["8,1,1,jit", "4,2,3,jit", "2,4,4,jit", "8,1,3,pmap", "8,1,2,jit,mixtral",
+                "2,4,3,jit,mixtral"]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +186,8 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
   assert record is not None, f"{config}: not reached; {failure}"
   assert "error" not in record, f"{config}: {record['error']}"
   assert "steps" in record, f"{config}: the worker hung or crashed in it; {failure}"
-  cfg, params, tokens = R.tiny_model()
+  family = (config + ",llama").split(",")[4]
+  cfg, params, tokens = R.tiny_model(family=family)
   assert record["digest"] == R.params_digest(params, tokens), "worker built a different model"
   if record.get("split_params") is not None:  # the scorer's parameters, if it exposes them
     split = record["split_params"]
@@ -183,10 +199,10 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
     assert record["abstract_matches"], f"{config}: the abstract scorer lowers other programs"
   steps = record["steps"]
   # The same ordering and scores as the plain reference...
-  R.check_search(steps, R.shared_reference_greedy("js"), RTOL, config)
+  R.check_search(steps, R.shared_reference_greedy("js", family=family), RTOL, config)
   # ...and as the one-device scorer (1e-5 relative: the same float32 program on different
   # device splits may round differently; any ordering difference fails).
-  one = R.shared_search("js")
+  one = R.shared_search("js", family=family)
   assert [r["sublayers"] for r in steps] == [r["sublayers"] for r in one]
   R.assert_scores_close([r["score"] for r in steps], [r["score"] for r in one], RTOL,
                         f"{config} vs 1 device")

@@ -38,6 +38,12 @@ def test_greedy_ordering_matches_reference(metric):
     assert r["kind"] == ("attn", "ffn")[r["sublayer"] % 2]
 
 
+def test_mixtral_greedy_ordering_matches_reference():
+  reference = R.shared_reference_greedy("js", family="mixtral")
+  check_margins(reference)
+  R.check_search(R.shared_search("js", "mixtral"), reference, RTOL, "mixtral")
+
+
 def test_step_count_and_masks():
   assert steps_needed(0.25, L, "sublayers") == 3  # int(0.25 * 12)
   assert steps_needed(0.25, L, "attn") == 3  # the ratio counts all 2L sublayers
