@@ -196,7 +196,7 @@ def merge_lora(model: Llama) -> Llama:
   for kind in ("attn", "mlp"):
     stack = getattr(model.layers, kind)
     for _, name in [v for v in LORA_TARGETS.values() if v[0] == kind]:
-      lora = getattr(stack, name)
+      lora = getattr(stack, name, None)  # (a mixture's FFN has no such projection)
       if isinstance(lora, LoRALinear):
         kernel = lora.base.kernel
         delta = jnp.einsum("nir,nro->nio", lora.lora_a[...], lora.lora_b[...]) * lora.scale

@@ -266,3 +266,17 @@ def test_export_loads_in_transformers(family, tmp_path):
     finercut_jax.export_model(model.prune(single), str(tmp_path / "decilm"), fmt="decilm",
                               source=directory)
   assert not os.path.exists(tmp_path / "decilm")
+
+
+@pytest.mark.parametrize("family", ["mixtral_top2"], indirect=True)
+def test_lora_on_experts_is_refused_attention_lora_works(family):
+  from finercut_jax.healing import add_lora, merge_lora
+  _, _, _, model, tokens = family
+  pruned = model.prune(np.array([[1, 1], [0, 1], [1, 1]], bool))
+  with pytest.raises(ValueError, match=r"gate,up,down: LoRA on a mixture's experts is not "
+                                       r"implemented; set --config.heal.lora.targets=q,k,v,o"):
+    add_lora(pruned, rank=2, alpha=4.0, dropout=0.0)
+  before = np.asarray(pruned(jnp.asarray(tokens)))
+  add_lora(pruned, rank=2, alpha=4.0, dropout=0.0, targets=("q", "k", "v", "o"))
+  merge_lora(pruned)  # lora_b starts at zero: the merged model is the same model
+  np.testing.assert_allclose(np.asarray(pruned(jnp.asarray(tokens))), before, rtol=0, atol=1e-6)
