@@ -8,7 +8,8 @@ from finercut_jax.checkpoint import load_pruned, restore_pruned, save_pruned
 from finercut_jax.config import LlamaConfig, UnsupportedConfigError
 from finercut_jax.hf_export import ExportError, export_model, export_pruned
 from finercut_jax.loading import CheckpointError, load_model, load_params, load_tokenizer
-from finercut_jax.model import Attention, DecoderStack, Experts, Llama, MLP, MoE, RMSNorm, forward
+from finercut_jax.model import (Attention, DecoderStack, Experts, Llama, MLP, MoE, RMSNorm,
+                                forward)
 from finercut_jax.scorer import Candidate, Scorer
 from finercut_jax.search import SearchSpec, greedy_search, keep_mask
 from finercut_jax.sharding import make_mesh

@@ -19,6 +19,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "nemotron-nas")
 # transformers' MistralConfig default, which applies when a Mistral config.json omits the key
 # (Mistral-7B-v0.1 uses this window; later Mistral releases write `"sliding_window": null`).
 MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+# transformers' Qwen2Config default, applied only with `use_sliding_window`.
+QWEN2_DEFAULT_SLIDING_WINDOW = 4096
+# transformers' defaults for fields a config.json may omit, where a family's differ from Llama's.
+_FAMILY_DEFAULTS = {"mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1e6}}
 
 
 class UnsupportedConfigError(ValueError):
@@ -124,7 +128,9 @@ class LlamaConfig:
     scaling = hf.get("rope_scaling")
     if scaling:
       rope.update(scaling)
-    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    defaults = _FAMILY_DEFAULTS.get(model_type, {})
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta",
+                                                      defaults.get("rope_theta", 10000.0))))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
       refuse("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"],
@@ -158,7 +164,7 @@ class LlamaConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(hf.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6))),
         rope_theta=rope_theta,
         rope_llama3=llama3,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -181,8 +187,9 @@ class LlamaConfig:
     family = {"architectures": [_ARCHITECTURES[self.model_type]], "model_type": self.model_type}
     if self.model_type in ("mistral", "mixtral"):
       family["sliding_window"] = self.sliding_window
-    if self.model_type == "qwen2":
-      family.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    if self.model_type == "qwen2":  # a window, when there is one, on every layer
+      family.update(use_sliding_window=self.sliding_window is not None,
+                    sliding_window=self.sliding_window, max_window_layers=0)
     if self.is_moe:
       family.update(num_local_experts=self.num_experts,
                     num_experts_per_tok=self.num_experts_per_tok)
@@ -203,24 +210,25 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 
 def _sliding_window(hf: Mapping[str, Any], model_type: str, refuse) -> int | None:
   """The attention window as transformers reads each family's config: Mistral's defaults to 4096
-  when the key is absent; Mixtral's to none; Qwen2's applies only with `use_sliding_window`, and
-  then only to the layers from `max_window_layers` on (a mix of windowed and full layers is
-  refused); a Llama config has none."""
+  when the key is absent; Mixtral's to none; Qwen2's applies only with `use_sliding_window` (then
+  4096 when the key is absent), and only to the layers from `max_window_layers` on (a mix of
+  windowed and full layers is refused); a Llama config has none."""
   window = hf.get("sliding_window")
   if model_type == "mistral":
     window = hf.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
   elif model_type == "qwen2":
     if not hf.get("use_sliding_window", False):
       return None
+    window = hf.get("sliding_window", QWEN2_DEFAULT_SLIDING_WINDOW)
     layers = int(hf.get("num_hidden_layers", 0))
     types = hf.get("layer_types") or [
         "sliding_attention" if window is not None and i >= int(hf.get("max_window_layers", 28))
         else "full_attention" for i in range(layers)]
-    if window is not None and "full_attention" in types:
+    if window is None or "sliding_attention" not in types:
+      return None
+    if "full_attention" in types:
       refuse("use_sliding_window", True, f"sliding windows on some layers only (layer_types "
              f"{types}) are not implemented; every layer must use the same attention")
-    if "sliding_attention" not in types:
-      return None
   elif model_type in ("llama", "nemotron-nas") and window is not None:
     refuse("sliding_window", window, "a Llama config has no sliding window (use model_type "
            "mistral for sliding-window attention)")

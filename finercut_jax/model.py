@@ -271,12 +271,12 @@ class Experts(nnx.Module):
     """sum over experts e of `weights[..., e]` (float32) times expert e's SwiGLU of h `[..., D]`.
 
     Every expert runs on every token and a token's unrouted experts get weight 0 (dense-masked
-    dispatch): static shapes, no token ever dropped, so the output is exactly transformers'
-    (which adds the routed experts in expert order, as this loop does). It costs E/k times the
-    routed FLOPs; capacity-based dispatch would drop tokens past an expert's capacity and change
-    the very output the scorer measures, and `jax.lax.ragged_dot` (dropless grouped matmuls)
-    cannot be vmapped over the scorer's candidates in this JAX (its batching rule is not
-    implemented)."""
+    dispatch): static shapes and no token ever dropped, so the output is transformers' (whose
+    default grouped-matmul experts also weight each routed expert's output in float32, sum in
+    float32 and round once; only the order of that sum differs). It costs E/k times the routed
+    FLOPs; capacity-based dispatch would drop tokens past an expert's capacity and change the
+    very output the scorer measures, and `jax.lax.ragged_dot` (dropless grouped matmuls) cannot
+    be vmapped over the scorer's candidates in this JAX (its batching rule is not implemented)."""
     dtype = self.dtype or h.dtype
     h = h.astype(dtype)
 
@@ -284,11 +284,10 @@ class Experts(nnx.Module):
       gate, up, down, w = xs
       y = jnp.dot(jax.nn.silu(h @ gate.astype(dtype)) * (h @ up.astype(dtype)), down.astype(dtype))
       # where, not a product: an unrouted expert's output (even inf) adds exactly nothing.
-      return acc + jnp.where(w[..., None] > 0, y.astype(jnp.float32) * w[..., None], 0).astype(
-          acc.dtype), None
+      return acc + jnp.where(w[..., None] > 0, y.astype(jnp.float32) * w[..., None], 0), None
 
     xs = (self.gate[...], self.up[...], self.down[...], jnp.moveaxis(weights, -1, 0))
-    return jax.lax.scan(expert, jnp.zeros(h.shape, dtype), xs)[0]
+    return jax.lax.scan(expert, jnp.zeros(h.shape, jnp.float32), xs)[0].astype(dtype)
 
 
 class MoE(nnx.Module):
@@ -310,7 +309,8 @@ class MoE(nnx.Module):
     probs = jax.nn.softmax(self.router(h).astype(jnp.float32), axis=-1)
     top, index = jax.lax.top_k(probs, self.top_k)
     top = top / top.sum(axis=-1, keepdims=True)
-    return jnp.einsum("...k,...ke->...e", top, jax.nn.one_hot(index, probs.shape[-1]))
+    # A product and a sum, not a matmul: no reduced-precision matmul pass touches the weights.
+    return (top[..., None] * jax.nn.one_hot(index, probs.shape[-1])).sum(axis=-2)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.norm(x)
@@ -627,7 +627,8 @@ def logical_axes(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
   out = {"embed": axes(model.embed.embedding), "final_norm": axes(model.final_norm.weight)}
   if model.lm_head is not None:
     out["lm_head"] = axes(model.lm_head.kernel)
-  for stack, paths in ((model.layers.attn, _attn_paths(cfg)), (model.layers.mlp, _ffn_paths(cfg))):
+  for stack, paths in ((model.layers.attn, _attn_paths(cfg)),
+                       (model.layers.mlp, _ffn_paths(cfg))):
     for name, (attr, var) in paths.items():
       out[name] = axes(getattr(getattr(stack, attr), var))
   return out

@@ -211,12 +211,33 @@ def test_unsupported_configs_are_refused(changes, message):
     LlamaConfig.from_hf(_config(**changes))
 
 
-def test_qwen2_window_on_every_layer_is_read():
-  cfg = LlamaConfig.from_hf(_config(model_type="qwen2", use_sliding_window=True, sliding_window=8,
-                                    max_window_layers=0))
-  assert cfg.sliding_window == 8
-  cfg = LlamaConfig.from_hf(_config(model_type="qwen2", sliding_window=8, max_window_layers=0))
-  assert cfg.sliding_window is None  # use_sliding_window is false by default
+@pytest.mark.parametrize("changes", [
+    dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    dict(use_sliding_window=True, max_window_layers=0),  # transformers' default window
+    dict(sliding_window=8, max_window_layers=0),  # use_sliding_window is false by default
+    dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),  # no layer windowed
+    dict(use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention"] * 2),
+])
+def test_qwen2_window_read_as_transformers_reads_it(changes):
+  """Each case's window as transformers applies it (its per-layer `layer_types`), and back."""
+  from transformers import Qwen2Config
+  hf = _config(model_type="qwen2", **changes)
+  ref = Qwen2Config(**{k: v for k, v in hf.items() if k != "model_type"})
+  windowed = {t for t in ref.layer_types} == {"sliding_attention"}
+  cfg = LlamaConfig.from_hf(hf)
+  assert cfg.sliding_window == (ref.sliding_window if windowed else None)
+  back = LlamaConfig.from_hf(dict(cfg.to_hf(), intermediate_size=12))
+  assert back.sliding_window == cfg.sliding_window
+
+
+def test_mixtral_defaults_for_omitted_fields():
+  from transformers import MixtralConfig
+  cfg = LlamaConfig.from_hf(_config(model_type="mixtral"))
+  ref = MixtralConfig()
+  assert (cfg.rms_norm_eps, cfg.rope_theta) == (ref.rms_norm_eps,
+                                                ref.rope_parameters["rope_theta"])
+  assert (cfg.num_experts, cfg.num_experts_per_tok) == (ref.num_local_experts,
+                                                        ref.num_experts_per_tok)
 
 
 def test_gguf_mixture_of_experts_is_refused(tmp_path):

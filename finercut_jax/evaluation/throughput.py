@@ -25,13 +25,21 @@ from finercut_jax.evaluation import decode
 from finercut_jax.evaluation.lm import EvalModel
 
 
+def attended_keys(cfg: LlamaConfig, start: int, stop: int) -> float:
+  """The mean number of keys a query attends over positions `start..stop-1` (position i sees i+1
+  keys, at most the sliding window's)."""
+  keys = np.arange(start, stop) + 1
+  if cfg.sliding_window is not None:
+    keys = np.minimum(keys, cfg.sliding_window)
+  return float(keys.mean())
+
+
 def flops_per_token(cfg: LlamaConfig, keep, context: float) -> dict:
-  """Forward FLOPs per token of the model `keep` `[L, 2]` at `context` attended keys."""
+  """Forward FLOPs per token of the model `keep` `[L, 2]` at `context` attended keys (on average:
+  `attended_keys`)."""
   keep = np.asarray(keep, bool)
   D, V = cfg.hidden_size, cfg.vocab_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  if cfg.sliding_window is not None:
-    context = min(context, cfg.sliding_window)
   attn = 2 * D * (q + 2 * kv) + 2 * q * D + 4 * q * context
   ffn = cfg.ffn_flops_per_token()
   head = 2 * D * V
@@ -99,8 +107,9 @@ def _report(timer: _Timer, repeats: int) -> dict:
   prefill_s = float(np.median(timer.prefill_times))
   decode_s = float(np.median(timer.decode_times))
 
-  prefill_flops = flops_per_token(cfg, model.keep, (prompt_len + 1) / 2)
-  decode_flops = flops_per_token(cfg, model.keep, prompt_len + decode_steps / 2)
+  prefill_flops = flops_per_token(cfg, model.keep, attended_keys(cfg, 0, prompt_len))
+  decode_flops = flops_per_token(cfg, model.keep,
+                                 attended_keys(cfg, prompt_len, prompt_len + decode_steps))
   return {
       "params": model.num_params(),
       "num_attn": model.num_attn, "num_ffn": model.num_ffn,
