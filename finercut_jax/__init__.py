@@ -15,7 +15,7 @@ from finercut_jax.search import SearchSpec, greedy_search, keep_mask
 from finercut_jax.sharding import make_mesh
 
 __all__ = ["Attention", "Candidate", "CheckpointError", "DecoderStack", "Experts", "ExportError",
-           "Llama", "LlamaConfig", "MLP", "MoE", "RMSNorm", "Scorer", "SearchSpec", "UnsupportedConfigError",
-           "export_model", "export_pruned", "forward", "greedy_search", "keep_mask", "load_model",
-           "load_params", "load_pruned", "load_tokenizer", "make_mesh", "restore_pruned",
-           "save_pruned"]
+           "Llama", "LlamaConfig", "MLP", "MoE", "RMSNorm", "Scorer", "SearchSpec",
+           "UnsupportedConfigError", "export_model", "export_pruned", "forward", "greedy_search",
+           "keep_mask", "load_model", "load_params", "load_pruned", "load_tokenizer", "make_mesh",
+           "restore_pruned", "save_pruned"]

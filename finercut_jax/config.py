@@ -119,7 +119,8 @@ class LlamaConfig:
     experts, per_token = 0, 0
     if model_type == "mixtral":
       # (router_jitter_noise is training-time noise in transformers; a forward pass ignores it.)
-      experts, per_token = int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2))
+      experts = int(hf.get("num_local_experts", 8))
+      per_token = int(hf.get("num_experts_per_tok", 2))
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
       refuse("partial_rotary_factor", hf["partial_rotary_factor"], "partial rotary is not implemented")
 

@@ -81,8 +81,7 @@ def decilm_refusal(cfg: LlamaConfig) -> str | None:
   return None
 
 
-def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig | None = None
-               ) -> tuple[str, list[ExportedLayer]]:
+def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig) -> tuple[str, list[ExportedLayer]]:
   """The format `fmt` resolves to (`auto` chosen) and what each exported layer holds; `cfg`, the
   architecture, decides whether DeciLM can hold it."""
   keep = np.asarray(keep, bool)
@@ -90,7 +89,7 @@ def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig | None = None
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   alone = [(l, k) for l in range(len(keep)) for k in (ATTN, FFN)
            if not keep[l, k] and keep[l, 1 - k]]
-  refusal = decilm_refusal(cfg) if cfg is not None else None
+  refusal = decilm_refusal(cfg)
   if fmt == "auto":
     fmt = ("llama_zeroed" if refusal else "decilm") if alone else "llama"
   if fmt == "decilm" and refusal:
@@ -163,6 +162,7 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   params = model.params()
   stacks = {**params["layers"]} if "layers" in params else {**params["attn"], **params["ffn"]}
   index = model.layers.stack_index.reshape(-1, 2)  # [L, 2]: each sublayer's stack row
+  layer_names = hf_layer_names(model.config)
 
   def fetch(x, transpose):
     host = distributed.gather(x.astype(dtype))
@@ -175,7 +175,7 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   name, t = _HF_TOP_NAMES["embed"]
   out = [entry(name, t, params["embed"].shape, lambda: params["embed"])]
   for i, row in enumerate(rows):
-    for ours, (suffix, t) in hf_layer_names(model.config).items():
+    for ours, (suffix, t) in layer_names.items():
       kind = ATTN if ours in ATTN_PARAM_NAMES else FFN
       mode = row.attention if kind == ATTN else row.ffn
       if mode == NO_OP:

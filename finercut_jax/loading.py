@@ -58,24 +58,21 @@ _GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "
 _GGUF_TOP_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
                    "lm_head": "output.weight"}
 _GGUF_BIAS_NAMES = {"bq": "attn_q", "bk": "attn_k", "bv": "attn_v"}
-# llama.cpp's architectures this loader reads. Its converter stores a `llama` model's q/k rows
-# permuted for interleaved RoPE (undone by `_unpermute_qk`); `qwen2` runs llama.cpp's NEOX
-# (rotate-half) RoPE, so its q/k rows are stored as Hugging Face has them.
-_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# llama.cpp's architectures this loader reads (each the model_type of the same name), and whether
+# their q/k rows are stored permuted. Its converter permutes a `llama` model's for interleaved RoPE
+# (undone by `_unpermute_qk`); `qwen2` runs llama.cpp's NEOX (rotate-half) RoPE, so its q/k rows
+# are stored as Hugging Face has them.
 _GGUF_PERMUTES_QK = {"llama": True, "qwen2": False}
 
 
 def hf_layer_names(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
   """Each per-layer parameter's Hugging Face name within a layer (`model.layers.{i}.<name>`) and
   whether it is stored transposed; in a mixture's expert names `{e}` is the expert's index."""
-  names = {k: v for k, v in _HF_LAYER_NAMES.items() if k in ATTN_PARAM_NAMES}
+  names = dict(_HF_LAYER_NAMES)
   if cfg.qkv_bias:
     names.update(_HF_QKV_BIAS_NAMES)
-  names["ffn_norm"] = _HF_LAYER_NAMES["ffn_norm"]
-  if cfg.is_moe:
+  if cfg.is_moe:  # the experts replace w_gate/w_up/w_down
     names.update(_HF_MOE_NAMES)
-  else:
-    names.update({k: _HF_LAYER_NAMES[k] for k in ("w_gate", "w_up", "w_down")})
   return names
 
 ShardingFn = Callable[[str, tuple], jax.sharding.Sharding]
@@ -291,9 +288,9 @@ def _gguf_field(reader, key, default=None):
 
 def gguf_config(reader) -> LlamaConfig:
   arch = _gguf_field(reader, "general.architecture")
-  if arch not in _GGUF_ARCHITECTURES:
+  if arch not in _GGUF_PERMUTES_QK:
     raise CheckpointError(f"{_reader_path(reader)}: general.architecture={arch!r}, "
-                          f"only {sorted(_GGUF_ARCHITECTURES)} are supported")
+                          f"only {sorted(_GGUF_PERMUTES_QK)} are supported")
   p = arch + "."
   names = {t.name for t in reader.tensors}
   heads = int(_gguf_field(reader, p + "attention.head_count"))
@@ -325,7 +322,7 @@ def gguf_config(reader) -> LlamaConfig:
       rope_theta=float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
       tie_embeddings="output.weight" not in names,
       max_position_embeddings=int(_gguf_field(reader, p + "context_length", 4096)),
-      model_type=_GGUF_ARCHITECTURES[arch],
+      model_type=arch,
       qkv_bias=arch == "qwen2",
   )
 
@@ -340,7 +337,7 @@ def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
   import gguf
   reader = _gguf_reader(path)
   cfg = gguf_config(reader)
-  permuted = _GGUF_PERMUTES_QK[_gguf_field(reader, "general.architecture")]
+  permuted = _GGUF_PERMUTES_QK[cfg.model_type]
   tensors = {t.name: t for t in reader.tensors}
 
   def load(name, transpose=True, n_head=None):

@@ -64,6 +64,18 @@ def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
   return model
 
 
+def saved_and_loaded(name: str, directory, batch: int, seq: int):
+  """(HF torch model of tiny config `name`, the directory it is saved to, our model loaded from
+  there, random tokens `[batch, seq]`)."""
+  import finercut_jax
+  hf = make_hf_model(name, seed=1)
+  directory = save_hf_model(hf, directory)
+  model, tok = finercut_jax.load_model(directory, tokenizer=False)
+  assert tok is None
+  tokens = np.random.RandomState(0).randint(0, hf.config.vocab_size, (batch, seq))
+  return hf, directory, model, tokens
+
+
 def hf_logits(hf, tokens, keep=None) -> np.ndarray:
   """The torch model's logits; sublayers with keep False have their module output zeroed."""
   handles = []

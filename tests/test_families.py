@@ -21,7 +21,8 @@ from finercut_jax import UnsupportedConfigError, checkpoint, load_params
 from finercut_jax.config import LlamaConfig
 from finercut_jax.loading import CheckpointError, load_config
 from finercut_jax.model import forward, sublayer_param_names
-from hf_tiny import FAMILY_CONFIGS, edit_config, hf_logits, make_hf_model, save_hf_model, write_gguf
+from hf_tiny import (FAMILY_CONFIGS, edit_config, hf_logits, make_hf_model, save_hf_model,
+                     saved_and_loaded, write_gguf)
 
 ATOL = 1e-4
 BATCH, SEQ = 2, 40
@@ -32,11 +33,7 @@ fwd = jax.jit(forward, static_argnums=1)
 def family(request, tmp_path_factory):
   """(name, HF torch model, its directory, our loaded Llama, tokens) for one family."""
   name = request.param
-  hf = make_hf_model(name, seed=1)
-  directory = save_hf_model(hf, tmp_path_factory.mktemp(name))
-  model, _ = finercut_jax.load_model(directory, tokenizer=False)
-  tokens = np.random.RandomState(0).randint(0, hf.config.vocab_size, (BATCH, SEQ))
-  return name, hf, directory, model, tokens
+  return (name, *saved_and_loaded(name, tmp_path_factory.mktemp(name), BATCH, SEQ))
 
 
 def masks(num_layers):

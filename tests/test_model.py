@@ -16,7 +16,7 @@ from flax import nnx
 
 import finercut_jax
 from finercut_jax.model import forward
-from hf_tiny import TINY_CONFIGS, hf_logits, make_hf_model, save_hf_model
+from hf_tiny import TINY_CONFIGS, hf_logits, saved_and_loaded
 
 ATOL = 1e-4
 BATCH, SEQ = 2, 40  # 40 > original_max_position_embeddings=32 of the llama3 config
@@ -30,11 +30,7 @@ fwd = jax.jit(forward, static_argnums=1)
 def tiny(request, tmp_path_factory):
   """(HF torch model, our loaded Llama, tokens) for one tiny config, saved and loaded from disk."""
   name = request.param
-  hf = make_hf_model(name, seed=1)
-  directory = save_hf_model(hf, tmp_path_factory.mktemp(name))
-  model, tok = finercut_jax.load_model(directory, tokenizer=False)
-  assert tok is None
-  tokens = np.random.RandomState(0).randint(0, hf.config.vocab_size, (BATCH, SEQ))
+  hf, _, model, tokens = saved_and_loaded(name, tmp_path_factory.mktemp(name), BATCH, SEQ)
   return name, hf, model, tokens
 
 
