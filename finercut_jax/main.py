@@ -6,7 +6,7 @@ Rerunning the same command on the same run directory resumes an interrupted sear
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +16,8 @@ from ml_collections import config_flags
 
 from finercut_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.")
+# The --config flag; finercut_jax.compare reads the same one.
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.")
 
 
 class ConfigError(ValueError):
@@ -72,23 +73,35 @@ def _parents(path: str):
     yield path
 
 
-def run(config) -> str:
-  """Runs (or resumes) the search of `config`; returns the run directory.
+@dataclasses.dataclass
+class Job:
+  """What every pruning run on one model starts from, read and checked before anything is
+  written: the mesh, the model's config and tokenizer, the calibration tokens, and the
+  fingerprint a resumed run must match (model files, tokenizer, tokens, dtype)."""
+  mesh: object
+  model_path: str
+  model_cfg: object
+  tokenizer: object
+  tokens: object
+  fingerprint: dict
 
-  As several processes (a TPU pod slice, a GPU cluster), every process runs this same function:
-  all of them load their own shards, score and choose identically; process 0 writes the files.
-  """
+  def load_params(self, dtype):
+    from finercut_jax import loading, sharding
+    return loading.load_params(self.model_path, dtype,
+                               sharding.param_sharding_fn(self.mesh, self.model_cfg))[1]
+
+
+def prepare(config) -> Job:
+  """Validates `config`, starts the distributed runtime, builds the mesh, and reads the model's
+  config, tokenizer and calibration tokens; every bad input fails here."""
+  import hashlib
+
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from finercut_jax import data, distributed, io, loading, search, sharding
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
+  from finercut_jax import data, distributed, loading, sharding
 
   validate(config)
   distributed.initialize(distributed.Settings.from_config(config.get("distributed")))
-  primary = distributed.is_primary()
   # A device count the config's mesh does not fit fails here, before anything is read.
   mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
   where = (f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "
@@ -97,17 +110,11 @@ def run(config) -> str:
     print(f"process {jax.process_index()} of {jax.process_count()}: {where}", flush=True)
   else:
     logging.info(where)
-  dtype = jnp.dtype(config.model.dtype)
   model_path = loading.resolve_path(config.model.path)
   model_cfg = loading.load_config(model_path)  # a missing or unsupported checkpoint fails here
   if config.data.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.seq_len={config.data.seq_len} is beyond the model's "
                       f"max_position_embeddings={model_cfg.max_position_embeddings}")
-  spec = search.SearchSpec(
-      num_layers=model_cfg.num_layers, pool=config.search.pool,
-      num_steps=None if config.search.full_ordering else search.steps_needed(
-          config.search.ratio, model_cfg.num_layers, config.search.pool),
-      protect_front=config.search.protect_front, one_shot=config.search.one_shot)
   tokenizer = loading.load_tokenizer(model_path)
   if len(tokenizer) > model_cfg.vocab_size:  # its ids past the embedding would be clamped
     raise ConfigError(f"{model_path}: the tokenizer has {len(tokenizer)} tokens but the model's "
@@ -115,19 +122,44 @@ def run(config) -> str:
   tokens = data.calibration_tokens(tokenizer, config.data.source, config.data.num_sequences,
                                    config.data.seq_len)
   distributed.check_same("calibration tokens", tokens.tobytes())
-
-  # Everything that can fail on bad input runs before the run directory is written.
-  run_dir = config.run_dir
-  tokens_path = os.path.join(run_dir, "calibration_tokens.npy")
-  state_path = os.path.join(run_dir, "search_state.json")
   fingerprint = {"model": model_path, "dtype": config.model.dtype,
                  "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-                 "metric": config.search.metric,
                  "weights": loading.weights_fingerprint(model_path),
                  "tokenizer": loading.tokenizer_fingerprint(tokenizer)}
   # Every host read its own copy of the checkpoint and tokenizer: they must be the same files.
   distributed.check_same("model files or tokenizer", json.dumps(
       {k: fingerprint[k] for k in ("weights", "tokenizer")}, sort_keys=True).encode())
+  return Job(mesh, model_path, model_cfg, tokenizer, tokens, fingerprint)
+
+
+def run(config) -> str:
+  """Runs (or resumes) the search of `config`; returns the run directory.
+
+  As several processes (a TPU pod slice, a GPU cluster), every process runs this same function:
+  all of them load their own shards, score and choose identically; process 0 writes the files.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  from finercut_jax import distributed, io, search
+  from finercut_jax.model import Llama
+  from finercut_jax.scorer import Scorer
+
+  job = prepare(config)
+  primary = distributed.is_primary()
+  mesh, model_path, model_cfg, tokenizer, tokens = (job.mesh, job.model_path, job.model_cfg,
+                                                    job.tokenizer, job.tokens)
+  spec = search.SearchSpec(
+      num_layers=model_cfg.num_layers, pool=config.search.pool,
+      num_steps=None if config.search.full_ordering else search.steps_needed(
+          config.search.ratio, model_cfg.num_layers, config.search.pool),
+      protect_front=config.search.protect_front, one_shot=config.search.one_shot)
+
+  # Everything that can fail on bad input runs before the run directory is written.
+  run_dir = config.run_dir
+  tokens_path = os.path.join(run_dir, "calibration_tokens.npy")
+  state_path = os.path.join(run_dir, "search_state.json")
+  fingerprint = dict(job.fingerprint, metric=config.search.metric)
 
   # One job per run directory: process 0 holds its lock until the job ends. An existing directory
   # is locked now, before minutes of loading; a new one just before it is first written.
@@ -145,8 +177,7 @@ def run(config) -> str:
     raise ConfigError(f"{tokens_path} differs from this config's calibration tokens; "
                       f"use a new run_dir")
   search.load_state(state_path, search.search_fingerprint(spec, fingerprint))
-  model_cfg, params = loading.load_params(model_path, dtype,
-                                          sharding.param_sharding_fn(mesh, model_cfg))
+  params = job.load_params(jnp.dtype(config.model.dtype))
   # The dense reference pass: non-finite outputs stop the job here.
   scorer = Scorer(Llama.from_params(model_cfg, params), tokens, metric=config.search.metric,
                   chunk_width=config.scorer.chunk_width,
@@ -157,7 +188,7 @@ def run(config) -> str:
   if not existed:
     take_lock()
   with lock:
-    _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec,
+    _search_and_save(config, run_dir, tokens, state_path, fingerprint, spec,
                      scorer, params, tokenizer, model_path, model_cfg)
     del scorer, params
     if config.heal.enabled:
@@ -172,19 +203,14 @@ def run(config) -> str:
   return run_dir
 
 
-def _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerprint, spec, scorer,
+def _search_and_save(config, run_dir, tokens, state_path, fingerprint, spec, scorer,
                      params, tokenizer, model_path, model_cfg) -> None:
   """Writes the run directory, runs (or resumes) the search, writes its results and checkpoints."""
   from tqdm import tqdm
 
-  from finercut_jax import checkpoint, distributed, io, search
+  from finercut_jax import distributed, rundir, search
   primary = distributed.is_primary()
-
-  def write_run_dir():
-    os.makedirs(run_dir, exist_ok=True)
-    io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
-    io.atomic_save_npy(tokens_path, tokens)
-  distributed.on_primary(write_run_dir)  # its failure (a full disk) stops every process
+  rundir.write_start(run_dir, config, tokens)
 
   bar = tqdm(total=spec.total_steps, desc="FinerCut", unit="step", file=sys.stdout,
              disable=not primary)
@@ -207,14 +233,9 @@ def _search_and_save(config, run_dir, tokens, tokens_path, state_path, fingerpri
   masks = {}
   for ratio in sorted(set(config.search.mask_ratios) | {config.search.ratio}):
     n = search.steps_needed(ratio, model_cfg.num_layers, spec.pool)
-    keep = search.keep_mask(model_cfg.num_layers, [r["sublayers"] for r in steps[:n]])
-    masks[f"{ratio:g}"] = keep.tolist()
-    if config.checkpoint:  # every process: each saves its own shards
-      checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, ratio), model_cfg, params, keep,
-                             tokenizer=tokenizer, source=model_path)
-  distributed.on_primary(lambda: (
-      io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking),
-      io.atomic_write_json(os.path.join(run_dir, "masks.json"), masks)) and None)
+    masks[f"{ratio:g}"] = search.keep_mask(model_cfg.num_layers, [r["sublayers"] for r in steps[:n]])
+  rundir.save_results(run_dir, ranking, masks, model_cfg=model_cfg, params=params,
+                      tokenizer=tokenizer, source=model_path, save_checkpoints=config.checkpoint)
   if primary:
     removed = steps[:search.steps_needed(config.search.ratio, model_cfg.num_layers, spec.pool)]
     print(f"removed {len(removed)} at ratio {config.search.ratio:g}: " + ", ".join(
@@ -227,7 +248,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   with cli.expected_errors():
-    run(_CONFIG.value)
+    run(CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -414,6 +414,21 @@ class DecoderStack(nnx.Module):
 
     return jax.lax.scan(step, h, (jnp.asarray(rows), flags))[0]
 
+  def streams(self, h: jax.Array, positions) -> jax.Array:
+    """The residual stream entering each present sublayer, and leaving the last one:
+    `[n_present + 1, B, T, D]`, in depth order (for a dense model, entry s is the input of
+    sublayer s and entry 2L the final stream)."""
+    branches = self._branches(positions)
+
+    def step(h, row):
+      h = jax.lax.switch(1 + row[0], branches, h, row[1])
+      return h, h
+
+    rows = self.schedule
+    if len(rows) == 0:
+      return h[None]
+    return jnp.concatenate([h[None], jax.lax.scan(step, h, jnp.asarray(rows))[1]])
+
   def cached(self, h: jax.Array, positions: jax.Array, cache: dict):
     """Runs the present sublayers on new tokens' stream h `[B, t, D]` at `positions` `[B, t]`,
     writing their keys and values into `cache` (`init_cache`); returns h and the cache.
@@ -481,6 +496,12 @@ class Llama(nnx.Module):
     """The final residual stream `[B, T, D]` (before the final norm)."""
     positions = np.arange(tokens.shape[-1])
     return self.layers(self.embed_tokens(tokens), positions, keep)
+
+  def residual_streams(self, tokens: jax.Array) -> jax.Array:
+    """The residual stream at every sublayer boundary, `[n_present + 1, B, T, D]`
+    (`DecoderStack.streams`): what similarity-based pruning methods measure."""
+    positions = np.arange(tokens.shape[-1])
+    return self.layers.streams(self.embed_tokens(tokens), positions)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm and LM head of the stream h `[..., D]`; float32 logits `[..., V]`."""

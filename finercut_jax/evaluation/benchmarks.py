@@ -278,7 +278,8 @@ class TaskResult:
     return self.metrics[self.metric]
 
   def summary(self) -> dict:
-    return {"metric": self.metric, "value": self.value, **self.metrics,
+    return {"metric": self.metric, "value": self.value,
+            "stderr": self.metrics.get(f"{self.metric}_stderr"), **self.metrics,
             "num_docs": self.num_docs, "seconds": round(self.seconds, 2)}
 
 
@@ -295,13 +296,22 @@ def score_docs(task: str, docs: list[Doc], lls: list[tuple[float, bool]]) -> tup
     predictions.append({"gold": doc.gold, "pred": int(np.argmax(ll)),
                         "pred_norm": int(np.argmax(ll / lengths)), "ll": ll.tolist()})
   if task == "lambada":
-    metrics = {"acc": float(np.mean([p["greedy"] for p in predictions])),
+    metrics = {**_mean_and_stderr("acc", [p["greedy"] for p in predictions]),
                "perplexity": math.exp(-float(np.mean([p["ll"] for p in predictions])))}
   else:
-    metrics = {"acc": float(np.mean([p["pred"] == p["gold"] for p in predictions]))}
+    metrics = _mean_and_stderr("acc", [p["pred"] == p["gold"] for p in predictions])
     if PAPER_METRIC[task] == "acc_norm":
-      metrics["acc_norm"] = float(np.mean([p["pred_norm"] == p["gold"] for p in predictions]))
+      metrics.update(_mean_and_stderr("acc_norm",
+                                      [p["pred_norm"] == p["gold"] for p in predictions]))
   return metrics, predictions
+
+
+def _mean_and_stderr(name: str, values) -> dict:
+  """The mean and its standard error as lm-eval reports them: the sample standard deviation
+  (n - 1) over the square root of n (NaN for one document)."""
+  x = np.asarray(values, np.float64)
+  stderr = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+  return {name: float(x.mean()), f"{name}_stderr": stderr}
 
 
 def evaluate_task(model, tokenizer, task: str, limit: int | None = None, *,

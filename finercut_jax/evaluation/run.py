@@ -158,7 +158,8 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   settings = _settings(eval_config)
   todo = _pending(previous, settings)
   out: dict = {k: v for k, v in (previous or {}).items() if k not in ("seconds",)}
-  out.update({"name": model.name, "num_removed": model.num_removed,
+  out.update({"name": model.name, "num_params": model.num_params(),
+              "num_removed": model.num_removed,
               "num_attn": model.num_attn, "num_ffn": model.num_ffn,
               "keep": model.keep.tolist()})
   start = time.perf_counter()
