@@ -33,6 +33,9 @@ def validate(config) -> None:
   if not config.run_dir:
     raise ConfigError("config.run_dir is empty: set --config.run_dir=runs/<name>")
   divergence.check_metric(config.search.metric)
+  if config.search.tie_break not in search.TIE_BREAKS:
+    raise ConfigError(f"unknown search.tie_break {config.search.tie_break!r}; choose one of "
+                      f"{search.TIE_BREAKS}")
   if config.search.pool not in search.POOLS:
     raise ConfigError(f"unknown search.pool {config.search.pool!r}; choose one of {search.POOLS}")
   for r in (config.search.ratio, *config.search.mask_ratios):
@@ -153,7 +156,8 @@ def run(config) -> str:
       num_layers=model_cfg.num_layers, pool=config.search.pool,
       num_steps=None if config.search.full_ordering else search.steps_needed(
           config.search.ratio, model_cfg.num_layers, config.search.pool),
-      protect_front=config.search.protect_front, one_shot=config.search.one_shot)
+      protect_front=config.search.protect_front, one_shot=config.search.one_shot,
+      tie_break=config.search.tie_break)
 
   # Everything that can fail on bad input runs before the run directory is written.
   run_dir = config.run_dir

@@ -23,6 +23,10 @@ from finercut_jax.scorer import Candidate, NonFiniteError, Scorer
 
 POOLS = ("sublayers", "attn", "ffn", "blocks")
 KIND_NAMES = ("attn", "ffn")
+# How exact ties between candidates' scores are broken: the lowest sublayer id, or the official
+# FinerCut code's order, `sorted()` of the Hugging Face module names its hooks zero (block "10"
+# before "2"; within a block `mlp.down_proj` before `self_attn.o_proj`).
+TIE_BREAKS = ("sublayer_id", "module_name")
 
 
 class SearchStateError(ValueError):
@@ -36,10 +40,14 @@ class SearchSpec:
   num_steps: int | None = None  # None: the full ordering
   protect_front: float | None = None
   one_shot: bool = False
+  tie_break: str = "sublayer_id"
 
   def __post_init__(self):
     if self.pool not in POOLS:
       raise ValueError(f"unknown candidate pool {self.pool!r}; choose one of {', '.join(POOLS)}")
+    if self.tie_break not in TIE_BREAKS:
+      raise ValueError(f"unknown tie_break {self.tie_break!r}; choose one of "
+                       f"{', '.join(TIE_BREAKS)}")
     if self.protect_front is not None and not 0.0 <= self.protect_front < 1.0:
       raise ValueError(f"protect_front must be in [0, 1), got {self.protect_front}")
     if self.num_steps is not None and not 0 < self.num_steps <= len(self.pool_candidates()):
@@ -52,6 +60,12 @@ class SearchSpec:
       return [Candidate(2 * l, 2 * l + 2) for l in range(L)]
     kinds = {"sublayers": (0, 1), "attn": (0,), "ffn": (1,)}[self.pool]
     return [Candidate(2 * l + k, 2 * l + k + 1) for l in range(L) for k in kinds]
+
+  def tie_key(self, candidate: Candidate):
+    """Among exactly equal scores, the smallest key wins."""
+    if self.tie_break == "module_name":
+      return module_name(candidate.start)
+    return candidate.start
 
   @property
   def total_steps(self) -> int:
@@ -66,6 +80,13 @@ class SearchSpec:
     if num_removed >= int(n * self.protect_front) + 1:
       return 0
     return int(n * self.protect_front / 2) + 1
+
+
+def module_name(sublayer: int) -> str:
+  """The Hugging Face module whose output removing `sublayer` zeroes (the official code's
+  candidate name)."""
+  block, kind = divmod(int(sublayer), 2)
+  return f"model.layers.{block}." + ("self_attn.o_proj" if kind == 0 else "mlp.down_proj")
 
 
 def steps_needed(ratio: float, num_layers: int, pool: str) -> int:
@@ -99,6 +120,8 @@ def search_fingerprint(spec: SearchSpec, fingerprint: dict | None = None) -> dic
   identity = dataclasses.asdict(spec)
   if not spec.one_shot:
     identity.pop("num_steps")
+  if spec.tie_break == "sublayer_id":  # the default: state files from before the option resume
+    identity.pop("tie_break")
   return dict(fingerprint or {}, spec=identity)
 
 
@@ -151,7 +174,7 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
 
   if spec.one_shot and not steps:
     scores, stats = scorer.score(np.ones((spec.num_layers, 2), bool), pool)  # all exact
-    order = sorted(range(len(pool)), key=lambda i: (scores[i], pool[i].start))
+    order = sorted(range(len(pool)), key=lambda i: (scores[i], spec.tie_key(pool[i])))
     per_step = stats.seconds / spec.total_steps
     for t, i in enumerate(order[:spec.total_steps]):
       steps.append(dict(step=t, **describe(pool[i]), score=float(scores[i]), seconds=per_step,
@@ -176,8 +199,8 @@ def greedy_search(scorer: Scorer, spec: SearchSpec, *, state_path: str | None = 
     except NonFiniteError as e:
       raise NonFiniteError(f"step {len(steps)}: {e}") from None
     # Only complete scores compete: an incomplete one provably exceeds the best complete one.
-    # Candidates are in sublayer order, so argmin breaks ties toward the lowest id.
-    best = int(np.argmin(np.where(complete, scores, np.inf)))
+    best = min(range(len(candidates)), key=lambda i: (
+        scores[i] if complete[i] else np.inf, spec.tie_key(candidates[i])))
     record = dict(step=len(steps), **describe(candidates[best]), score=float(scores[best]),
                   seconds=stats.seconds, stats=stats.as_dict(),
                   scores={str(c.start): float(s) for c, s in zip(candidates, scores)},

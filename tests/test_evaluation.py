@@ -280,7 +280,13 @@ def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
     for doc_id in range(n_docs):
       res = [lls[j] for j, inst in enumerate(theirs) if inst.doc_id == doc_id]
       per_doc.append(task.process_results(task.eval_docs[doc_id], res))
+    from lm_eval.api.metrics import mean, stderr_for_metric
     for metric in metrics:
+      if metric.endswith("_stderr"):  # lm-eval's standard error of the mean
+        values = [d[metric[:-len("_stderr")]] for d in per_doc]
+        assert metrics[metric] == pytest.approx(stderr_for_metric(mean, 1000)(values)), (
+            name, metric)
+        continue
       assert metrics[metric] == pytest.approx(np.mean([d[metric] for d in per_doc])), (
           name, metric)
 

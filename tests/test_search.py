@@ -181,3 +181,31 @@ def test_one_shot():
   assert order == sorted(range(2 * L), key=lambda i: (want[i], i))[:k]
   # One-shot is not greedy here (so the test tells them apart).
   assert order != [r["sublayer"] for r in R.shared_search("js")[:k]]
+
+
+class _TiedScorer:
+  """Every candidate scores exactly the same: only the tie order decides."""
+
+  def score_step(self, keep, candidates, bound=True):
+    from finercut_jax.scorer import StepStats
+    return (np.ones(len(candidates)), np.ones(len(candidates), bool),
+            StepStats(evaluations=0, naive_evaluations=1, seconds=0.0, flops=0.0))
+
+
+@pytest.mark.parametrize("tie_break", ["sublayer_id", "module_name"])
+def test_exact_ties_follow_the_tie_break(tie_break):
+  """Ties go to the lowest sublayer id, or, as the official code, to the first module name in
+  `sorted()` order (its candidate list; `benchmarks.official_baseline` mirrors it)."""
+  from benchmarks.official_baseline import official_candidate_order
+  from finercut_jax.search import SearchSpec, greedy_search
+  spec = SearchSpec(num_layers=12, num_steps=24, tie_break=tie_break)
+  records = greedy_search(_TiedScorer(), spec)
+  remaining, want = list(range(24)), []
+  for _ in range(24):
+    pick = (official_candidate_order(remaining) if tie_break == "module_name"
+            else sorted(remaining))[0]
+    want.append(pick)
+    remaining.remove(pick)
+  assert [r["sublayer"] for r in records] == want
+  if tie_break == "module_name":
+    assert want[:4] == [1, 0, 3, 2] and want[4] == 21  # ffn0, attn0, ffn1, attn1, ffn10
