@@ -308,7 +308,8 @@ def lower_evaluation(config, cfg, dtype, mesh, slots: int):
   from flax import nnx
   from finercut_jax.model import Llama, param_shapes
   scoring = scoring_config(resolve_eval_config(config.get("eval")).scoring)
-  seq = max([b for b in scoring.seq_buckets if b <= scoring.max_length] or
+  max_length = scoring.max_length or cfg.max_position_embeddings  # 0: the model's, as lm-eval
+  seq = max([b for b in scoring.seq_buckets if b <= max_length] or
             [min(scoring.seq_buckets)])
   rows = max(1, min(scoring.max_batch, scoring.tokens_per_batch // seq))
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
@@ -317,10 +318,11 @@ def lower_evaluation(config, cfg, dtype, mesh, slots: int):
   params = sharding.shard_state(params, mesh, cfg)
   rep = sharding.replicated(mesh)
   inputs = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-            for shape in ((rows, seq), (rows, slots), (rows, slots))]
+            for shape in ((rows, seq),) * 3 + ((rows, slots),) * 2]  # tokens, positions,
+  # segments, slot positions, slot targets
   lowered = _score_slots.lower(graphdef, params, *inputs)
   held = {"params": per_device_bytes(params),
-          "tokens, slots": per_device_bytes(inputs)}
+          "tokens, positions, segments, slots": per_device_bytes(inputs)}
   return lowered, {"rows": rows, "seq_len": seq, "slots": slots,
                    "tokens_per_batch": scoring.tokens_per_batch}, held
 

@@ -37,7 +37,7 @@ _METHODS = flags.DEFINE_string("methods", "all", "Comma-separated methods, or 'a
 _RATIOS = flags.DEFINE_string("ratios", "0.125,0.25,0.375",
                               "Comma-separated fractions of sublayers to remove.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Seeds of the random methods.")
-_LIMIT = flags.DEFINE_integer("limit", 100, "Documents per task (0: all); MMLU: per subject.")
+_LIMIT = flags.DEFINE_integer("limit", 50, "Documents per task (0: all); MMLU: per subject.")
 _DIR = flags.DEFINE_string("comparison_dir", None,
                            "Where the comparison goes; default <config.run_dir>_comparison.")
 
@@ -234,16 +234,16 @@ def run_method(config, job, name: str, ratios: list[float], params, similarities
 # ----------------------------------------------------------------------------- evaluation
 
 
-def comparison_eval_config(config, ratios: list[float], limit: int):
+def comparison_eval_config(config, ratios: list[float], limit: int, max_position_embeddings: int):
   """The one evaluation every model of the comparison gets: the config's tasks and perplexity
   settings, `limit` documents per task, no throughput (structure, not speed, is compared)."""
-  from finercut_jax.evaluation.run import resolve_eval_config
+  from finercut_jax.evaluation.run import resolve_eval_config, resolve_max_length
   c = resolve_eval_config(copy.deepcopy(config.eval))
   c.enabled = True
   c.limit = limit
   c.ratios = ",".join(f"{r:g}" for r in ratios)
   c.throughput.enabled = False
-  return c
+  return resolve_max_length(c, max_position_embeddings)
 
 
 def _dense_entry(comparison_dir, config, job, params, eval_config, log) -> dict:
@@ -292,7 +292,7 @@ def _evaluate_method_dir(run_dir, dense, eval_config, mesh, log) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: int = 100,
+def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: int = 50,
         comparison_dir: str | None = None, log=print) -> dict:
   """Runs (or resumes) the comparison; returns what comparison.json holds."""
   from finercut_jax import baselines, distributed, io, main
@@ -312,7 +312,8 @@ def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: 
   if not distributed.is_primary():
     log = lambda *_: None  # noqa: E731
   check_ratios(methods, ratios, job.model_cfg.num_layers)
-  eval_config = comparison_eval_config(config, ratios, limit)
+  eval_config = comparison_eval_config(config, ratios, limit,
+                                       job.model_cfg.max_position_embeddings)
   distributed.on_primary(lambda: _check_state(comparison_dir, job.fingerprint, job.tokens))
   with contextlib.ExitStack() as lock:  # one job per comparison directory
     distributed.on_primary(lambda: lock.enter_context(io.run_lock(comparison_dir)) and None)

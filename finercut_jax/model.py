@@ -178,14 +178,21 @@ class RMSNorm(nnx.Module):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions, k_positions,
-           scale: float, window: int | None = None) -> jax.Array:
+           scale: float, window: int | None = None, segments=None) -> jax.Array:
   """Grouped-query attention of q `[B, t, H, hd]` over k, v `[B, S, KV, hd]`: a query sees the
   keys at positions up to its own (`q_positions` `[t]`/`[B, t]`, `k_positions` `[S]`), and with a
-  `window` only the last `window` of them (its own included), as transformers' sliding window."""
+  `window` only the last `window` of them (its own included), as transformers' sliding window.
+
+  `segments` `[B, t]` (self-attention only) packs several sequences that share a prefix into one
+  row: a query sees the keys of its own segment and of segment 0, the shared prefix, each
+  sequence at its own positions (evaluation scores a context once for all its continuations)."""
   distance = q_positions[..., :, None] - k_positions[..., None, :]  # [t, S] or [B, t, S]
   visible = distance >= 0
   if window is not None:
     visible = visible & (distance < window)
+  if segments is not None:
+    same = segments[:, :, None] == segments[:, None, :]
+    visible = visible & (same | (segments[:, None, :] == 0))
   visible = visible[None, None] if visible.ndim == 2 else visible[:, None]
   return jax.nn.dot_product_attention(q, k, v, mask=visible, scale=scale)
 
@@ -214,11 +221,11 @@ class Attention(nnx.Module):
   def _out(self, o):
     return self.o_proj(rearrange(o, "b t n d -> b t (n d)"))
 
-  def __call__(self, x: jax.Array, positions) -> jax.Array:
-    """x `[B, T, D]` at `positions` `[T]` (or `[B, T]`), causal."""
+  def __call__(self, x: jax.Array, positions, segments=None) -> jax.Array:
+    """x `[B, T, D]` at `positions` `[T]` (or `[B, T]`), causal (within `segments`, `attend`)."""
     q, k, v = self._qkv(x, positions)
     return self._out(attend(q, k, v, positions, positions, self.config.head_dim ** -0.5,
-                            self.config.sliding_window))
+                            self.config.sliding_window, segments))
 
   def cached(self, x: jax.Array, positions: jax.Array, keys: jax.Array, values: jax.Array):
     """New tokens x `[B, t, D]` at `positions` `[B, t]` attending to themselves and this layer's
@@ -371,13 +378,13 @@ class DecoderStack(nnx.Module):
     ids = np.flatnonzero(self.present_mask.reshape(-1))
     return np.stack([ids % 2, self.stack_index[ids], ids], axis=1).astype(np.int32)
 
-  def _branches(self, positions, cache=None):
+  def _branches(self, positions, cache=None, segments=None):
     """`lax.switch` branches on (h, stack index[, keys, values]): identity, attention, MLP. A kind
     with no kept sublayer never runs; its branch is the identity."""
     attn, mlp = nnx.split(self.attn), nnx.split(self.mlp)
     has_attn, has_mlp = any(r[ATTN] for r in self.present), any(r[FFN] for r in self.present)
     if cache is None:
-      run_attn = lambda h, i: h + _slice(attn, i)(h, positions)
+      run_attn = lambda h, i: h + _slice(attn, i)(h, positions, segments)
       run_mlp = lambda h, i: h + _slice(mlp, i)(h)
       identity = lambda h, i: h
     else:
@@ -399,14 +406,15 @@ class DecoderStack(nnx.Module):
     return jax.lax.switch(jnp.where(on, 1 + j % 2, 0), self._branches(positions), h,
                           jnp.asarray(self.stack_index)[j])
 
-  def __call__(self, h: jax.Array, positions, keep=None) -> jax.Array:
-    """Runs the present sublayers (those of them that `keep` `[L, 2]` keeps) on h `[B, T, D]`."""
+  def __call__(self, h: jax.Array, positions, keep=None, segments=None) -> jax.Array:
+    """Runs the present sublayers (those of them that `keep` `[L, 2]` keeps) on h `[B, T, D]`
+    (`segments`: see `attend`)."""
     rows = self.schedule
     if len(rows) == 0:
       return h
     flags = (np.ones(len(rows), bool) if keep is None
              else jnp.asarray(keep, bool).reshape(-1)[rows[:, 2]])
-    branches = self._branches(positions)
+    branches = self._branches(positions, segments=segments)
 
     def step(h, xs):
       row, on = xs
@@ -492,10 +500,13 @@ class Llama(nnx.Module):
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     return self.embed(tokens).astype(self.compute_dtype)
 
-  def hidden(self, tokens: jax.Array, keep=None) -> jax.Array:
-    """The final residual stream `[B, T, D]` (before the final norm)."""
-    positions = np.arange(tokens.shape[-1])
-    return self.layers(self.embed_tokens(tokens), positions, keep)
+  def hidden(self, tokens: jax.Array, keep=None, *, positions=None, segments=None) -> jax.Array:
+    """The final residual stream `[B, T, D]` (before the final norm). `positions` `[B, T]` and
+    `segments` `[B, T]` pack sequences with a shared prefix into a row (`attend`); by default
+    each row is one sequence at positions 0..T-1."""
+    if positions is None:
+      positions = np.arange(tokens.shape[-1])
+    return self.layers(self.embed_tokens(tokens), positions, keep, segments)
 
   def residual_streams(self, tokens: jax.Array) -> jax.Array:
     """The residual stream at every sublayer boundary, `[n_present + 1, B, T, D]`

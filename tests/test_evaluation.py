@@ -88,16 +88,22 @@ def _log_softmax(x):
 # ----------------------------------------------------------------------------- scoring
 
 
-def test_loglikelihood_tokens_match_direct_computation(tiny_params):
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_loglikelihood_tokens_match_direct_computation(tiny_params, share_contexts):
+  """Each request against its own full forward pass; with shared contexts, several
+  continuations of one context (one and several tokens) are scored in one row."""
   model = EvalModel.from_dense(TINY, tiny_params, TINY_KEEP)
   rng = np.random.default_rng(0)
   requests = []
   for n_ctx, n_cont in [(5, 1), (5, 1), (12, 3), (3, 7), (30, 2), (40, 5), (1, 1), (9, 20)]:
     requests.append((rng.integers(0, 97, n_ctx).tolist(), rng.integers(0, 97, n_cont).tolist()))
   requests.append((requests[0][0], [7]))  # shares its input row with request 0
-  # 8 distinct rows in batches of 2: one compiled shape. (40, 5) is left-truncated to 32 inputs.
+  # Four more continuations of request 2's context, and one of the truncated (40, 5) context.
+  requests += [(requests[2][0], rng.integers(0, 97, n).tolist()) for n in (4, 1, 3, 6)]
+  requests.append((requests[5][0], [3, 4]))
+  # Batches of 2 rows of 32: one compiled shape. (40, 5) is left-truncated to 32 inputs.
   config = ScoringConfig(seq_buckets=(32,), slot_buckets=(32,), tokens_per_batch=64,
-                         max_length=32)
+                         max_length=32, share_contexts=share_contexts)
   got = loglikelihood_tokens(model, requests, config)
   for (ctx, cont), (ll, greedy) in zip(requests, got):
     whole = (ctx + cont)[-33:]

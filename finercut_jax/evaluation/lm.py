@@ -6,11 +6,13 @@ own modules, and removed sublayers cost nothing.
 
 Log-likelihood scoring (`loglikelihood_tokens`) follows lm-evaluation-harness: the model reads
 `(context + continuation)[-(max_length+1):][:-1]` and the continuation's tokens are scored at the
-last positions; `is_greedy` says whether argmax decoding reproduces them. Requests are packed into
-rows (requests whose input tokens are identical, e.g. one-token answers to the same prompt, share
-a row), rows are right-padded to a few bucket lengths and batched under a token budget, and only
-the scored positions go through the LM head. The compiled shapes are (rows, bucket length, scored
-slots) from small fixed sets, so nothing recompiles per item.
+last positions; `is_greedy` says whether argmax decoding reproduces them. A context is read once
+for all of its continuations: one row holds the context and then each continuation's tokens as
+a segment of its own, at the positions it would have after the context and attending only to
+the context and itself (`model.attend`'s segments), so a multiple-choice question costs its
+context once, not once per choice. Rows are right-padded to a few bucket lengths and batched
+under a token budget, and only the scored positions go through the LM head. The compiled shapes
+are (rows, bucket length, scored slots) from small fixed sets, so nothing recompiles per item.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class ScoringConfig:
   tokens_per_batch: int = 1024  # rows per batch = max(1, tokens_per_batch // bucket length)
   max_batch: int = 64
   max_length: int = 2048  # the harness's max_length: longer inputs are truncated on the left
+  share_contexts: bool = True  # one row per context for all its continuations (False: one each)
 
 
 class EvalModel:
@@ -92,10 +95,12 @@ class EvalModel:
 
   # -------------------------------------------------------------------------- compiled calls
 
-  def score_slots(self, tokens: np.ndarray, slot_pos: np.ndarray, slot_tgt: np.ndarray):
-    """Log-probabilities and greedy flags `[B, C]` of `slot_tgt` at positions `slot_pos`."""
-    return _score_slots(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(slot_pos),
-                        jnp.asarray(slot_tgt))
+  def score_slots(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray,
+                  slot_pos: np.ndarray, slot_tgt: np.ndarray):
+    """Log-probabilities and greedy flags `[B, C]` of `slot_tgt` at row indices `slot_pos`, for
+    rows of `tokens` at `positions` in `segments` (all `[B, S]`; see `model.attend`)."""
+    return _score_slots(self.graphdef, self.state, *map(jnp.asarray, (
+        tokens, positions, segments, slot_pos, slot_tgt)))
 
   def logits(self, tokens: np.ndarray) -> jax.Array:
     """Full logits `[B, T, V]` (float32); for tests and small inputs."""
@@ -103,9 +108,9 @@ class EvalModel:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_slots(graphdef, state, tokens, slot_pos, slot_tgt):
+def _score_slots(graphdef, state, tokens, positions, segments, slot_pos, slot_tgt):
   model = nnx.merge(graphdef, state)
-  h = model.hidden(tokens)
+  h = model.hidden(tokens, positions=positions, segments=segments)
   # Only the scored positions go through the LM head: [B, C, D] -> [B, C, V].
   h = jnp.take_along_axis(h, slot_pos[..., None], axis=1)
   logp = jax.nn.log_softmax(model.logits(h), axis=-1)
@@ -128,8 +133,45 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 
 @dataclasses.dataclass
 class _Row:
-  tokens: tuple
-  slots: list  # (request index, position, target token)
+  """One row of a batch: tokens at positions, in segments (0: the shared context; 1, 2, ...:
+  one continuation each), and the scored slots (request index, row index, target token)."""
+  tokens: list
+  positions: list
+  segments: list
+  slots: list
+  num_segments: int = 0
+
+
+def _pack(requests, config: ScoringConfig) -> list[_Row]:
+  rows: dict[tuple, _Row] = {}
+  for i, (ctx, cont) in enumerate(requests):
+    ctx, cont = list(ctx), list(cont)
+    if not cont:
+      raise ValueError(f"request {i} has an empty continuation")
+    if not ctx:
+      raise ValueError(f"request {i} has an empty context: prefix it with BOS/EOS")
+    if config.share_contexts and len(ctx) + len(cont) - 1 <= config.max_length:
+      # Nothing is truncated: the context's row, plus this continuation as a new segment. Its
+      # first token is predicted at the context's last position, the rest at its own.
+      row = rows.setdefault(("context", tuple(ctx)),
+                            _Row(ctx, list(range(len(ctx))), [0] * len(ctx), []))
+      row.num_segments += 1
+      row.slots.append((i, len(ctx) - 1, cont[0]))
+      offset = len(row.tokens)
+      row.tokens = row.tokens + cont[:-1]
+      row.positions = row.positions + list(range(len(ctx), len(ctx) + len(cont) - 1))
+      row.segments = row.segments + [row.num_segments] * (len(cont) - 1)
+      row.slots += [(i, offset + j - 1, cont[j]) for j in range(1, len(cont))]
+      continue
+    whole = (ctx + cont)[-(config.max_length + 1):]
+    inp = whole[:-1]
+    n_cont = min(len(cont), len(inp))
+    start = len(inp) - n_cont
+    # Requests whose input tokens are identical (one-token answers to one prompt) share a row.
+    row = rows.setdefault(("input", tuple(inp)),
+                          _Row(inp, list(range(len(inp))), [0] * len(inp), []))
+    row.slots += [(i, start + j, whole[start + j + 1]) for j in range(n_cont)]
+  return list(rows.values())
 
 
 def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -139,23 +181,8 @@ def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int
   The context must hold at least one token (the harness puts BOS/EOS there for empty contexts).
   """
   config = config or ScoringConfig()
-  rows: dict[tuple, _Row] = {}
-  for i, (ctx, cont) in enumerate(requests):
-    ctx, cont = list(ctx), list(cont)
-    if not cont:
-      raise ValueError(f"request {i} has an empty continuation")
-    if not ctx:
-      raise ValueError(f"request {i} has an empty context: prefix it with BOS/EOS")
-    whole = (ctx + cont)[-(config.max_length + 1):]
-    inp = tuple(whole[:-1])
-    n_cont = min(len(cont), len(inp))
-    start = len(inp) - n_cont
-    row = rows.setdefault(inp, _Row(inp, []))
-    for j in range(n_cont):
-      row.slots.append((i, start + j, whole[start + j + 1]))
-
   groups: dict[tuple[int, int], list[_Row]] = {}
-  for row in rows.values():
+  for row in _pack(requests, config):
     S = bucket(len(row.tokens), config.seq_buckets)
     C = min(bucket(len(row.slots), config.slot_buckets), max(S, len(row.slots)))
     groups.setdefault((S, C), []).append(row)
@@ -167,16 +194,20 @@ def loglikelihood_tokens(model: EvalModel, requests: Sequence[tuple[Sequence[int
     for b0 in range(0, len(group), per_batch):
       batch = group[b0:b0 + per_batch]
       # A partial batch is padded to a full one: one compiled shape per (bucket, slots), and
-      # on a CPU (compute-bound) a small `tokens_per_batch` keeps the padding cheap.
+      # on a CPU (compute-bound) a small `tokens_per_batch` keeps the padding cheap. Padding
+      # tokens are a segment (-1) of their own that no real token sees.
       B = per_batch
       tokens = np.zeros((B, S), np.int32)
+      positions = np.zeros((B, S), np.int32)
+      segments = np.full((B, S), -1, np.int32)
       pos = np.zeros((B, C), np.int32)
       tgt = np.zeros((B, C), np.int32)
       for r, row in enumerate(batch):
-        tokens[r, :len(row.tokens)] = row.tokens
+        n = len(row.tokens)
+        tokens[r, :n], positions[r, :n], segments[r, :n] = row.tokens, row.positions, row.segments
         for c, (_, p, t) in enumerate(row.slots):
           pos[r, c], tgt[r, c] = p, t
-      lp, gr = model.score_slots(tokens, pos, tgt)
+      lp, gr = model.score_slots(tokens, positions, segments, pos, tgt)
       lp, gr = distributed.gather(lp).astype(np.float64), distributed.gather(gr)
       for r, row in enumerate(batch):
         for c, (i, _, _) in enumerate(row.slots):

@@ -55,7 +55,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.scoring.slot_buckets = "16,64,256,1024"
   c.scoring.tokens_per_batch = 256  # rows per batch = this // bucket length; 8192+ on accelerators
   c.scoring.max_batch = 64
-  c.scoring.max_length = 2048
+  # The harness's max_length: 0 is lm-eval's own choice, the model's max_position_embeddings
+  # (longer prompts, e.g. some 5-shot MMLU ones, are cut on the left).
+  c.scoring.max_length = 0
 
   c.plots = True
   return c
@@ -81,6 +83,14 @@ def scoring_config(c) -> ScoringConfig:
       slot_buckets=tuple(int(v) for v in _csv(c.slot_buckets)),
       tokens_per_batch=int(c.tokens_per_batch), max_batch=int(c.max_batch),
       max_length=int(c.max_length))
+
+
+def resolve_max_length(eval_config, max_position_embeddings: int):
+  """`scoring.max_length` 0 becomes the model's `max_position_embeddings`, as lm-eval's HFLM
+  takes it from the model config."""
+  if not int(eval_config.scoring.max_length):
+    eval_config.scoring.max_length = int(max_position_embeddings)
+  return eval_config
 
 
 def run_eval_config(run_dir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -338,6 +348,11 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   run_config = read("config.json")
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
+  if not int(eval_config.scoring.max_length):
+    from finercut_jax import loading
+    model_path = loading.resolve_path(run_config["model"]["path"])
+    resolve_max_length(eval_config, distributed.on_primary(
+        lambda: loading.load_config(model_path).max_position_embeddings))
   masks = read("masks.json")
   if not masks:
     raise FileNotFoundError(f"{run_dir}/masks.json is missing: the search has not finished; "
