@@ -37,7 +37,7 @@ _METHODS = flags.DEFINE_string("methods", "all", "Comma-separated methods, or 'a
 _RATIOS = flags.DEFINE_string("ratios", "0.125,0.25,0.375",
                               "Comma-separated fractions of sublayers to remove.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Seeds of the random methods.")
-_LIMIT = flags.DEFINE_integer("limit", 50, "Documents per task (0: all); MMLU: per subject.")
+_LIMIT = flags.DEFINE_integer("limit", 30, "Documents per task (0: all); MMLU: per subject.")
 _DIR = flags.DEFINE_string("comparison_dir", None,
                            "Where the comparison goes; default <config.run_dir>_comparison.")
 
@@ -292,7 +292,7 @@ def _evaluate_method_dir(run_dir, dense, eval_config, mesh, log) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: int = 50,
+def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: int = 30,
         comparison_dir: str | None = None, log=print) -> dict:
   """Runs (or resumes) the comparison; returns what comparison.json holds."""
   from finercut_jax import baselines, distributed, io, main
