@@ -159,23 +159,16 @@ def _ranking(job, method, steps, extra=None) -> dict:
           "steps": [{k: v for k, v in s.items() if k != "scores"} for s in steps], **(extra or {})}
 
 
-def _search_steps(config, job, method, params, run_dir, n_steps, log):
+def _search_steps(config, job, method, params, run_dir, n_steps):
   """The greedy search of a `search` method (resumes from its state file)."""
   from tqdm import tqdm
 
   from finercut_jax import distributed, search
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
   finercut = method.name.startswith("finercut")
   spec = search.SearchSpec(num_layers=job.model_cfg.num_layers, pool=method.pool,
                            num_steps=n_steps,
                            protect_front=config.search.protect_front if finercut else None)
-  scorer = Scorer(Llama.from_params(job.model_cfg, params), job.tokens, metric=method.metric,
-                  chunk_width=config.scorer.chunk_width,
-                  position_block=config.scorer.position_block, mesh=job.mesh,
-                  backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
-                  state_every=config.scorer.state_every,
-                  state_memory=config.scorer.state_memory_gb * 2**30)
+  scorer = job.scorer(config.scorer, params, method.metric, len(spec.pool_candidates()))
   bar = tqdm(total=spec.total_steps, desc=method.name, unit="step", file=sys.stdout,
              disable=not distributed.is_primary())
 
@@ -200,7 +193,7 @@ def run_method(config, job, name: str, ratios: list[float], params, similarities
   rundir.write_start(run_dir, _method_config(config, method, ratios, run_dir, seed), job.tokens)
   extra = {}
   if method.ranking == "search":
-    steps = _search_steps(config, job, method, params, run_dir, n_max, log)
+    steps = _search_steps(config, job, method, params, run_dir, n_max)
     steps_for = lambda n: steps  # noqa: E731
   elif method.ranking == "random":
     steps = baselines.random_steps(L, method.unit, seed)

@@ -88,6 +88,17 @@ class Job:
   tokens: object
   fingerprint: dict
 
+  def scorer(self, settings, params, metric: str, max_candidates: int):
+    """The scorer of the dense model `params` on the calibration tokens, by the config's
+    `scorer` section `settings` (the dense reference pass runs here)."""
+    from finercut_jax.model import Llama
+    from finercut_jax.scorer import Scorer
+    return Scorer(Llama.from_params(self.model_cfg, params), self.tokens, metric=metric,
+                  chunk_width=settings.chunk_width, position_block=settings.position_block,
+                  mesh=self.mesh, backend=settings.backend, max_candidates=max_candidates,
+                  state_every=settings.state_every,
+                  state_memory=settings.state_memory_gb * 2**30)
+
   def load_params(self, dtype):
     from finercut_jax import loading, sharding
     return loading.load_params(self.model_path, dtype,
@@ -145,8 +156,6 @@ def run(config) -> str:
   import numpy as np
 
   from finercut_jax import distributed, io, search
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
 
   job = prepare(config)
   primary = distributed.is_primary()
@@ -183,12 +192,7 @@ def run(config) -> str:
   search.load_state(state_path, search.search_fingerprint(spec, fingerprint))
   params = job.load_params(jnp.dtype(config.model.dtype))
   # The dense reference pass: non-finite outputs stop the job here.
-  scorer = Scorer(Llama.from_params(model_cfg, params), tokens, metric=config.search.metric,
-                  chunk_width=config.scorer.chunk_width,
-                  position_block=config.scorer.position_block, mesh=mesh,
-                  backend=config.scorer.backend, max_candidates=len(spec.pool_candidates()),
-                  state_every=config.scorer.state_every,
-                  state_memory=config.scorer.state_memory_gb * 2**30)
+  scorer = job.scorer(config.scorer, params, config.search.metric, len(spec.pool_candidates()))
   if not existed:
     take_lock()
   with lock:

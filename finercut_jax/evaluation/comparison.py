@@ -58,7 +58,7 @@ def _over_seeds(runs: list[dict]) -> dict:
 
 def summarize(job, dense: dict, evaluations: dict, directories: dict, ratios, eval_config) -> dict:
   """comparison.json's content from the dense entry and each method's `evaluate_run` results."""
-  from finercut_jax.baselines import METHODS, get_method, units_removed
+  from finercut_jax.baselines import get_method, units_removed
   tasks = [t.strip() for t in str(eval_config.tasks).split(",") if t.strip()]
   L = job.model_cfg.num_layers
   dense_summary = _model_summary(dense, tasks)
@@ -74,7 +74,7 @@ def summarize(job, dense: dict, evaluations: dict, directories: dict, ratios, ev
       if dense_summary["average"] and summary.get("average") is not None:
         summary["percent_of_dense"] = 100.0 * summary["average"] / dense_summary["average"]
       per_ratio[key] = summary
-    methods[name] = {"description": METHODS[name].description, "unit": method.unit,
+    methods[name] = {"description": method.description, "unit": method.unit,
                      "directories": [os.path.relpath(d, os.path.dirname(directories[name][0]))
                                      for d in directories[name]],
                      "ratios": per_ratio}
