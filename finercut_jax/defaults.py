@@ -10,6 +10,9 @@ from finercut_jax.healing import default_heal_config
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.run_dir = ""  # required: where the run's outputs go (resumes if it holds a search)
+  # JAX's persistent compilation cache: a repeated or resumed job loads its compiled programs
+  # from here instead of compiling them again ("": off).
+  c.compilation_cache = "~/.cache/finercut_jax/xla"
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "smollm2-135m"  # HF checkpoint dir, .gguf file, or "smollm2-135m"

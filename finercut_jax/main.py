@@ -116,6 +116,9 @@ def prepare(config) -> Job:
 
   validate(config)
   distributed.initialize(distributed.Settings.from_config(config.get("distributed")))
+  if config.get("compilation_cache"):
+    from finercut_jax.scorer import enable_compilation_cache
+    logging.info("compilation cache: %s", enable_compilation_cache(config.compilation_cache))
   # A device count the config's mesh does not fit fails here, before anything is read.
   mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
   where = (f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} devices, "

@@ -134,6 +134,7 @@ def job_config(model_dir, text, run_dir, **search):
   # One device: compiling for the 8-device mesh costs seconds more, and meshes are tested
   # (in a subprocess) by test_scorer.py.
   c.scorer.mesh_cand = 1
+  c.compilation_cache = ""  # process-wide: tested in a subprocess by test_scorer.py
   for k, v in search.items():
     setattr(c.search, k, v)
   return c

@@ -165,7 +165,7 @@ def mesh_results(tmp_path_factory):
              PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(worker)),
                                          os.environ.get("PYTHONPATH", "")]))
   try:
-    proc = subprocess.run([sys.executable, worker, str(out), *MESH_CONFIGS], env=env,
+    proc = subprocess.run([sys.executable, worker, str(out), *MESH_CONFIGS, "shared_bound"], env=env,
                           capture_output=True, text=True, timeout=400)
     failure = None if proc.returncode == 0 else (
         f"mesh worker exited {proc.returncode}: " + proc.stderr[-3000:])
@@ -206,6 +206,63 @@ def test_mesh_matches_one_device_and_reference(config, mesh_results):
   assert [r["sublayers"] for r in steps] == [r["sublayers"] for r in one]
   R.assert_scores_close([r["score"] for r in steps], [r["score"] for r in one], RTOL,
                         f"{config} vs 1 device")
+
+
+def test_best_score_is_shared_across_devices(mesh_results):
+  """The step program shares the best complete score over the candidate axis after every chunk
+  (see mesh_worker.shared_bound): a candidate on device 1 whose partial score exceeds the score
+  device 0 just completed does not run, though device 1 itself has completed nothing."""
+  results, failure = mesh_results
+  record = results.get("shared_bound")
+  assert record is not None, f"not reached; {failure}"
+  assert "error" not in record, record["error"]
+  n = R.N
+  assert record["devices"] == [0, 1]
+  ran, stopped = record["0.0"], record["1000000.0"]
+  # Device 0's candidate (chunk 0) completes in both calls, with its exact score.
+  for call in (ran, stopped):
+    assert call["valid"] == [[True, False], [False, True]]
+    assert call["done"][0][0] == n
+    np.testing.assert_allclose(call["scores"][0][0], record["exact"][0], rtol=1e-6)
+  # Device 1's candidate (chunk 1): runs from a partial score of 0, giving its exact score...
+  assert ran["done"][1][1] == n
+  np.testing.assert_allclose(ran["scores"][1][1], record["exact"][1], rtol=1e-6)
+  # ...and not at all from a partial score above device 0's complete one.
+  assert stopped["done"][1][1] == 0 and stopped["scores"][1][1] == 1e6
+
+
+def test_compilation_cache_is_reused(tmp_path):
+  """With the persistent compilation cache on, a second process (a resumed or repeated job) loads
+  the step program from the cache instead of compiling it."""
+  script = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import jax, numpy as np
+from jax._src import monitoring
+import finercut_ref as R
+from finercut_jax.model import Llama
+from finercut_jax.scorer import Candidate, Scorer, enable_compilation_cache
+enable_compilation_cache({str(tmp_path / "cache")!r}, min_compile_seconds=0)
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event)
+                                   if event == "/jax/compilation_cache/cache_hits" else None)
+cfg, params, tokens = R.tiny_model()
+scorer = Scorer(Llama.from_params(cfg, params), tokens, position_block=R.POSITION_BLOCK)
+keep = np.ones((cfg.num_layers, 2), bool)
+_, _, stats = scorer.score_step(keep, [Candidate(s, s + 1) for s in range(2 * cfg.num_layers)])
+print(json.dumps({{"hits": len(hits), "compile_seconds": stats.compile_seconds}}))
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+  runs = []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  assert runs[0]["hits"] == 0 and runs[0]["compile_seconds"] > 0, runs
+  assert any(p.name.startswith("jit_per_device") for p in (tmp_path / "cache").iterdir())
+  assert runs[1]["hits"] >= 1, runs  # the step program (and the others) came from the cache
 
 
 def test_abstract_scorer_lowers_the_same_programs():
