@@ -54,9 +54,28 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 MIB = 2 ** 20
-# Float32 matmul shapes (M, K, N): the LM head on a 512-position block (SmolLM2: D=576, V=49152),
-# an FFN up-projection, and a square one.
-MATMUL_SHAPES = ((512, 576, 49152), (512, 576, 1536), (2048, 2048, 2048))
+SQUARE = (2048, 2048, 2048)  # a large square float32 matmul: the machine's best case
+
+
+def matmul_shapes(cfg, seq_len: int) -> dict:
+  """The float32 matmuls of one sequence through one block and the LM head, by name: (M, K, N,
+  uses per block). The scorer and the official loop both run sequences one at a time."""
+  d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  f = cfg.intermediate_size
+  return {"q": (seq_len, d, q, 1), "kv": (seq_len, d, kv, 2), "o": (seq_len, q, d, 1),
+          "gate_up": (seq_len, d, f, 2), "down": (seq_len, f, d, 1),
+          "head": (seq_len, d, cfg.vocab_size, 0), "square": SQUARE + (0,)}
+
+
+def shape_rates(matmul: dict) -> tuple[float, float]:
+  """(sublayer, LM head) matmul throughput for the model's own shapes: the sublayers' is the
+  FLOP-weighted harmonic mean over their projections (the rate at which a block's matmuls would
+  run back to back); medians of the before/after measurements."""
+  rate = lambda name: statistics.median(m[name]["flops_per_second"] for m in
+                                        (matmul["before"], matmul["after"]))
+  shapes = matmul["before"]["shapes"]
+  layer = {k: 2.0 * m * kk * n * uses for k, (m, kk, n, uses) in shapes.items() if uses}
+  return sum(layer.values()) / sum(f / rate(k) for k, f in layer.items()), rate("head")
 
 
 # ============================================================================== sides (children)
@@ -89,14 +108,14 @@ def side_official(spec: dict) -> dict:
   tokens = np.load(spec["tokens_path"])
   load_peak = _vm_hwm_bytes()
   log = functools.partial(print, "[official]", file=sys.stderr, flush=True)
-  matmul_before = measure_matmul_torch(spec["matmul_repeats"])
+  matmul_before = measure_matmul_torch(spec["matmul_repeats"], spec["matmul_shapes"])
   loadavg = _loadavg()
   t0 = time.perf_counter()
   with PeakMemory() as mem:
     steps = official_greedy(hf, tokens, spec["steps"], metric=spec["metric"], log=log)
   total = time.perf_counter() - t0
   loadavg_end = _loadavg()
-  matmul = _combine_matmul(matmul_before, measure_matmul_torch(spec["matmul_repeats"]))
+  matmul = _combine_matmul(matmul_before, measure_matmul_torch(spec["matmul_repeats"], spec["matmul_shapes"]))
   return {
       "side": "official", "threads": torch.get_num_threads(),
       "cpus": sorted(os.sched_getaffinity(0)), "loadavg_start": loadavg, "loadavg_end": loadavg_end,
@@ -130,10 +149,11 @@ def _load_hf_model(path: str):
   return model.eval()
 
 
-def _matmul_summary(timer, repeats: int) -> dict:
-  """Median throughput (FLOP/s) of `timer(m, k, n)` over `repeats` calls per shape, and the best."""
+def _matmul_summary(timer, repeats: int, shapes: dict) -> dict:
+  """Median throughput (FLOP/s) of `timer(m, k, n)` over `repeats` calls per shape (by name), and
+  the best."""
   out = {}
-  for m, k, n in MATMUL_SHAPES:
+  for name, (m, k, n, _) in shapes.items():
     run = timer(m, k, n)
     run()  # compile / warm up
     times = []
@@ -142,15 +162,17 @@ def _matmul_summary(timer, repeats: int) -> dict:
       run()
       times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    out[f"{m}x{k}@{k}x{n}"] = {"seconds_median": sec, "flops_per_second": 2.0 * m * k * n / sec}
+    out[name] = {"shape": f"{m}x{k}@{k}x{n}", "seconds_median": sec,
+                 "flops_per_second": 2.0 * m * k * n / sec}
     del run
   out["best_flops_per_second"] = max(v["flops_per_second"] for v in out.values())
   out["repeats"] = repeats
+  out["shapes"] = shapes
   return out
 
 
-def measure_matmul_jax(repeats: int) -> dict:
-  """Float32 `jnp.matmul` (jitted) throughput on MATMUL_SHAPES."""
+def measure_matmul_jax(repeats: int, shapes: dict) -> dict:
+  """Float32 `jnp.matmul` (jitted) throughput on `shapes`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -161,18 +183,18 @@ def measure_matmul_jax(repeats: int) -> dict:
     a = jnp.asarray(rng.standard_normal((m, k), np.float32))
     b = jnp.asarray(rng.standard_normal((k, n), np.float32))
     return lambda: f(a, b).block_until_ready()
-  return _matmul_summary(timer, repeats)
+  return _matmul_summary(timer, repeats, shapes)
 
 
-def measure_matmul_torch(repeats: int) -> dict:
-  """Float32 `torch.matmul` throughput on MATMUL_SHAPES (the official side's own yardstick)."""
+def measure_matmul_torch(repeats: int, shapes: dict) -> dict:
+  """Float32 `torch.matmul` throughput on `shapes` (the official side's own yardstick)."""
   import torch
 
   def timer(m, k, n):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     return lambda: torch.matmul(a, b)
-  return _matmul_summary(timer, repeats)
+  return _matmul_summary(timer, repeats, shapes)
 
 
 def _combine_matmul(before: dict, after: dict) -> dict:
@@ -216,7 +238,7 @@ def side_jax(spec: dict) -> dict:
           f"{record['seconds']:.2f}s, evals {st['evaluations']}/{st['naive_evaluations']}",
           file=sys.stderr, flush=True)
 
-  matmul_before = measure_matmul_jax(spec["matmul_repeats"])
+  matmul_before = measure_matmul_jax(spec["matmul_repeats"], spec["matmul_shapes"])
   loadavg = _loadavg()
   with PeakMemory() as mem:
     t0 = time.perf_counter()
@@ -229,7 +251,7 @@ def side_jax(spec: dict) -> dict:
     t2 = time.perf_counter()
   loadavg_end = _loadavg()
   del scorer
-  matmul = _combine_matmul(matmul_before, measure_matmul_jax(spec["matmul_repeats"]))
+  matmul = _combine_matmul(matmul_before, measure_matmul_jax(spec["matmul_repeats"], spec["matmul_shapes"]))
   walls = [b - a for a, b in zip([t1] + marks[:-1], marks)]
   return {
       "side": "jax", "chunk_width": spec["chunk_width"], "position_block": spec["position_block"],
@@ -386,7 +408,10 @@ def _summarize_jax(runs: list[dict], steps: int) -> dict:
         "score": rs[0]["score"], "seconds": _median([r["seconds"] for r in rs]),
         "score_seconds": _median([r["score_seconds"] for r in rs]),
         "evaluations": st["evaluations"], "naive_evaluations": st["naive_evaluations"],
-        "flops": st["flops"],
+        "flops": st["flops"], "head_flops": st["head_flops"],
+        "sequence_fraction": st["sequence_fraction"], "passes": st["passes"],
+        "padding_fraction": st["padding_fraction"], "idle_fraction": st["idle_fraction"],
+        **{k: _median([r["stats"][k] for r in rs]) for k in BREAKDOWN},
         "flops_per_second": _median([r["stats"]["flops_per_second"] for r in rs]),
         "num_candidates": len(rs[0]["scores"])})
   peak = _median([r["matmul"]["best_flops_per_second"] for r in runs])
@@ -401,6 +426,7 @@ def _summarize_jax(runs: list[dict], steps: int) -> dict:
   later_sec = sum(s["score_seconds"] for s in later)
   return {
       "chunk_width": runs[0]["chunk_width"], "repeats": len(runs), "per_step": per_step,
+      "breakdown": _breakdown(runs),
       "load_seconds": _median([r["load_seconds"] for r in runs]),
       "setup_seconds": setup, "search_seconds": search, "total_seconds": setup + search,
       "first_step_seconds": per_step[0]["seconds"],
@@ -417,6 +443,33 @@ def _summarize_jax(runs: list[dict], steps: int) -> dict:
       "loadavg": [[r["loadavg_start"], r["loadavg_end"]] for r in runs],
       "orderings": [[s["sublayer"] for s in r["steps"]] for r in runs],
   }
+
+
+BREAKDOWN = ("compile_seconds", "plan_seconds", "prefix_seconds", "device_seconds")
+
+
+def _breakdown(runs: list[dict]) -> dict:
+  """Where the search's time went, per run, then medians over runs: compilation, host planning,
+  the prefix passes, the candidate programs (dispatch to results on the host), and the rest of
+  the search loop; the programs' FLOP rate against the matmul-bound rate of their shapes."""
+  per_run = []
+  for r in runs:
+    stats = [s["stats"] for s in r["steps"]]
+    total = {k: sum(st[k] for st in stats) for k in BREAKDOWN}
+    total["rest_seconds"] = r["search_seconds"] - sum(total.values())
+    flops, head = sum(st["flops"] for st in stats), sum(st["head_flops"] for st in stats)
+    busy = total["prefix_seconds"] + total["device_seconds"]
+    layer_rate, head_rate = shape_rates(r["matmul"])
+    matmul_bound = (flops - head) / layer_rate + head / head_rate
+    total.update(
+        device_calls=sum(st["passes"] for st in stats) + len(stats),
+        program_flops_per_second=flops / busy, layer_matmul_flops_per_second=layer_rate,
+        head_matmul_flops_per_second=head_rate, fraction_of_shape_matmul_rate=matmul_bound / busy,
+        head_share_of_flops=head / flops,
+        padding_fraction=statistics.mean(st["padding_fraction"] for st in stats),
+        idle_fraction=statistics.mean(st["idle_fraction"] for st in stats))
+    per_run.append(total)
+  return {k: _median([t[k] for t in per_run]) for k in per_run[0]}
 
 
 def _summarize_official(runs: list[dict], cfg, info: dict) -> dict:
@@ -473,6 +526,7 @@ def _fmt_s(x):
 
 def _print_table(info, off, jx, agreement):
   print()
+  print(f"CPU: {info.get('cpu_model')} ({info['threads']} threads each side)")
   print(f"model {info['model']} ({info['num_layers']} layers), tokens {info['num_sequences']} x "
         f"{info['seq_len']} ({info['source']}), {info['steps']} steps, metric {info['metric']}, "
         f"chunk width {jx['chunk_width']}, medians of {off['repeats']} (a) / {jx['repeats']} (b) "
@@ -513,8 +567,20 @@ def _print_table(info, off, jx, agreement):
   print(f"(b) FLOP/s: {jx['flops_per_second_incl_compile'] / 1e9:.1f} GFLOP/s incl. compile, "
         f"{'-' if later is None else f'{later / 1e9:.1f}'} GFLOP/s after the first step "
         f"({100 * (later or 0) / jx['matmul_peak_flops_per_second']:.0f}%) of its jnp float32 "
-        f"matmul peak {jx['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s (best of "
-        f"{', '.join(f'{m}x{k}@{k}x{n}' for m, k, n in MATMUL_SHAPES)}, before and after)")
+        f"matmul peak {jx['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s (best of the model's "
+        f"shapes and {'x'.join(map(str, SQUARE))}, before and after)")
+  b = jx["breakdown"]
+  print(f"(b) where the search's time went (medians of runs): compile {_fmt_s(b['compile_seconds'])}"
+        f" s, host planning {_fmt_s(b['plan_seconds'])} s, prefix passes "
+        f"{_fmt_s(b['prefix_seconds'])} s, candidate programs {_fmt_s(b['device_seconds'])} s "
+        f"(dispatch to results on the host; {b['device_calls']:.0f} calls), rest of the search "
+        f"loop {_fmt_s(b['rest_seconds'])} s; padding {100 * b['padding_fraction']:.1f}% of computed "
+        f"(slot, sequence) pairs, idle candidate devices {100 * b['idle_fraction']:.1f}%")
+  print(f"(b) device programs: {b['program_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * b['fraction_of_shape_matmul_rate']:.0f}% of the matmul rate of their own shapes "
+        f"(sublayer projections {b['layer_matmul_flops_per_second'] / 1e9:.1f}, LM head "
+        f"{b['head_matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, jnp float32, same process; the "
+        f"LM head is {100 * b['head_share_of_flops']:.0f}% of the FLOPs)")
   later = _median([a["seconds"] / b["seconds"]
                    for a, b in zip(off["per_step"][1:], jx["per_step"][1:])])
   print(f"ratio (a)/(b): total {off['total_seconds'] / jx['total_seconds']:.2f}x; steps only "
@@ -540,10 +606,12 @@ def run_compare(args) -> int:
   info, cfg = _prepare(args)
   env = _environment(cpus)
   info["threads"] = len(cpus)
+  info["cpu_model"] = env.get("cpu_model")
   base = {"model_path": info["model_path"], "tokens_path": info["tokens_path"],
           "steps": info["steps"], "metric": args.metric, "threads": len(cpus),
           "torch_threads": args.torch_threads or len(cpus),
           "position_block": args.position_block, "matmul_repeats": args.matmul_repeats,
+          "matmul_shapes": matmul_shapes(cfg, info["seq_len"]),
           "scorer_kwargs": args.scorer_kwargs}
   widths = [int(w) for w in args.chunk_widths.split(",")]
   print(f"[bench] {info['steps']} steps on {info['model_path']}, tokens {info['num_sequences']} x "
