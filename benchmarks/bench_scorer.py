@@ -462,7 +462,7 @@ def _breakdown(runs: list[dict]) -> dict:
     layer_rate, head_rate = shape_rates(r["matmul"])
     matmul_bound = (flops - head) / layer_rate + head / head_rate
     total.update(
-        device_calls=sum(st["passes"] for st in stats) + len(stats),
+        device_calls=sum(st["passes"] + (st["prefix_seconds"] > 0) for st in stats),
         program_flops_per_second=flops / busy, layer_matmul_flops_per_second=layer_rate,
         head_matmul_flops_per_second=head_rate, fraction_of_shape_matmul_rate=matmul_bound / busy,
         head_share_of_flops=head / flops,
@@ -573,7 +573,8 @@ def _print_table(info, off, jx, agreement):
   print(f"(b) where the search's time went (medians of runs): compile {_fmt_s(b['compile_seconds'])}"
         f" s, host planning {_fmt_s(b['plan_seconds'])} s, prefix passes "
         f"{_fmt_s(b['prefix_seconds'])} s, candidate programs {_fmt_s(b['device_seconds'])} s "
-        f"(dispatch to results on the host; {b['device_calls']:.0f} calls), rest of the search "
+        f"(dispatch to results on the host; {b['device_calls']:.0f} program calls, prefix passes "
+        f"included), rest of the search "
         f"loop {_fmt_s(b['rest_seconds'])} s; padding {100 * b['padding_fraction']:.1f}% of computed "
         f"(slot, sequence) pairs, idle candidate devices {100 * b['idle_fraction']:.1f}%")
   print(f"(b) device programs: {b['program_flops_per_second'] / 1e9:.1f} GFLOP/s = "
