@@ -86,8 +86,8 @@ GIB = 2**30
 
 
 def model_config(path: str):
-  from finercut_jax import loading
-  from finercut_jax.config import LlamaConfig
+  from finercut_jax.model import loading
+  from finercut_jax.model.architecture import LlamaConfig
   if os.path.exists(loading.resolve_path(path)):
     return loading.load_config(loading.resolve_path(path))
   name = os.path.basename(os.path.normpath(path))
@@ -110,10 +110,10 @@ def abstract_scorer(config, cfg, dtype, mesh, state_memory_gb=None):
   (`state_memory_gb` overrides the config's)."""
   import jax
   import numpy as np
-  from finercut_jax.model import param_shapes
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
-  from finercut_jax.search import SearchSpec
+  from finercut_jax.model.modules import param_shapes
+  from finercut_jax.model.modules import Llama
+  from finercut_jax.scoring.scorer import Scorer
+  from finercut_jax.search.greedy import SearchSpec
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   tokens = np.zeros((config.data.num_sequences, config.data.seq_len), np.int32)
@@ -141,7 +141,7 @@ def measure(config, devices: int) -> dict:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
 
-  from finercut_jax import sharding
+  from finercut_jax.parallel import sharding
 
   cfg = model_config(config.model.path)
   dtype = jnp.dtype(config.model.dtype)
@@ -285,8 +285,8 @@ def new_bytes(p: dict) -> int:
 def replicated_weights(cfg, mesh) -> list[str]:
   """Head-split weights that stay whole on every chip because the heads do not divide the model
   axis (sharding.logical_spec keeps a head on one chip)."""
-  from finercut_jax import sharding
-  from finercut_jax.model import logical_axes, param_shapes
+  from finercut_jax.parallel import sharding
+  from finercut_jax.model.modules import logical_axes, param_shapes
   if mesh.shape[sharding.MODEL] == 1:
     return []
   fn = sharding.param_sharding_fn(mesh, cfg)
@@ -302,11 +302,11 @@ def lower_evaluation(config, cfg, dtype, mesh, slots: int):
   Returns (lowered program, batch shape, per-chip bytes of its inputs)."""
   import jax
   import jax.numpy as jnp
-  from finercut_jax import sharding
+  from finercut_jax.parallel import sharding
   from finercut_jax.evaluation.lm import _score_slots
   from finercut_jax.evaluation.run import resolve_eval_config, scoring_config
   from flax import nnx
-  from finercut_jax.model import Llama, param_shapes
+  from finercut_jax.model.modules import Llama, param_shapes
   scoring = scoring_config(resolve_eval_config(config.get("eval")).scoring)
   max_length = scoring.max_length or cfg.max_position_embeddings  # 0: the model's, as lm-eval
   seq = max([b for b in scoring.seq_buckets if b <= max_length] or
@@ -373,7 +373,7 @@ def measure_tpu(config, topology: str, eval_slots: int, headroom: float, hbm_gib
                 search_states: bool = False) -> dict:
   import jax.numpy as jnp
   devices = tpu_devices(topology)
-  from finercut_jax import sharding
+  from finercut_jax.parallel import sharding
 
   cfg = model_config(config.model.path)
   dtype = jnp.dtype(config.model.dtype)
@@ -423,7 +423,7 @@ def measure_tpu(config, topology: str, eval_slots: int, headroom: float, hbm_gib
                   "state_memory_gb": state_budget_gb(fit["levels"], level), "method": "compiled"}
   # XLA's cost analysis counts a loop body once and a conditional's costliest branch: per
   # iteration figures. The whole dense passes by the FLOP model, per chip (model axis split):
-  from finercut_jax.scorer import sublayer_flops
+  from finercut_jax.scoring.scorer import sublayer_flops
   attn, ffn, head = sublayer_flops(cfg, n, t)
   split = mesh.shape[sharding.MODEL]
   programs["reference"]["model_flops"] = (cfg.num_layers * (attn + ffn) + head) / split
@@ -548,7 +548,7 @@ def main(argv):
     text = report(r, _DEVICE_MEMORY.value)
   print(text)
   if _OUT.value:
-    from finercut_jax.io import atomic_write_json
+    from finercut_jax.rundir.atomic import atomic_write_json
     atomic_write_json(_OUT.value, r)
 
 

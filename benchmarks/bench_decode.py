@@ -61,7 +61,8 @@ def main(argv=None):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
   threads = len(os.sched_getaffinity(0))
 
-  from finercut_jax import data, loading
+  from finercut_jax import data
+  from finercut_jax.model import loading
   from finercut_jax.evaluation import decode
   from finercut_jax.evaluation.lm import EvalModel
 

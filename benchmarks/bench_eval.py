@@ -33,8 +33,8 @@ def main(argv=None):
   import jax
   import numpy as np
 
-  from finercut_jax import loading
-  from finercut_jax.evaluation import benchmarks
+  from finercut_jax.model import loading
+  from finercut_jax.evaluation import harness_tasks
   from finercut_jax.evaluation.lm import EvalModel, loglikelihood
   from finercut_jax.evaluation.run import default_eval_config, scoring_config
 
@@ -46,7 +46,7 @@ def main(argv=None):
   eval_config.scoring.max_length = cfg.max_position_embeddings
   base = scoring_config(eval_config.scoring)
   tasks = [t for t in args.tasks.split(",") if t]
-  docs = {t: benchmarks.load_docs(t, args.limit) for t in tasks}
+  docs = {t: harness_tasks.load_docs(t, args.limit) for t in tasks}
   n_docs = sum(len(d) for d in docs.values())
 
   results, rows = {}, {}
@@ -57,7 +57,7 @@ def main(argv=None):
       out = {}
       for t, ds in docs.items():
         lls = loglikelihood(model, tokenizer, [r for d in ds for r in d.requests], scoring)
-        out[t] = benchmarks.score_docs(t, ds, lls)
+        out[t] = harness_tasks.score_docs(t, ds, lls)
       return out
 
     start = time.perf_counter()

@@ -209,7 +209,7 @@ def _jax_setup(spec: dict):
   import jax.numpy as jnp
   import numpy as np
 
-  from finercut_jax import loading
+  from finercut_jax.model import loading
   t0 = time.perf_counter()
   cfg, params = loading.load_params(spec["model_path"], jnp.float32)
   jax.block_until_ready(params)
@@ -222,9 +222,9 @@ def side_jax(spec: dict) -> dict:
   import jax
 
   from benchmarks.official_baseline import PeakMemory
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
-  from finercut_jax.search import SearchSpec, greedy_search
+  from finercut_jax.model.modules import Llama
+  from finercut_jax.scoring.scorer import Scorer
+  from finercut_jax.search.greedy import SearchSpec, greedy_search
   cfg, params, tokens, load_seconds = _jax_setup(spec)
   load_peak = _vm_hwm_bytes()
   sspec = SearchSpec(num_layers=cfg.num_layers, pool="sublayers", num_steps=spec["steps"])
@@ -273,9 +273,9 @@ def side_memprobe(spec: dict) -> dict:
   import numpy as np
 
   from benchmarks.official_baseline import PeakMemory
-  from finercut_jax.model import Llama
-  from finercut_jax.scorer import Scorer
-  from finercut_jax.search import SearchSpec
+  from finercut_jax.model.modules import Llama
+  from finercut_jax.scoring.scorer import Scorer
+  from finercut_jax.search.greedy import SearchSpec
   cfg, params, tokens, load_seconds = _jax_setup(spec)
   pool = SearchSpec(num_layers=cfg.num_layers).pool_candidates()
   count = len(pool) if spec["num_candidates"] in (None, 0) else spec["num_candidates"]
@@ -339,8 +339,9 @@ def _prepare(args):
   """Resolves the model, the step count and the calibration tokens (saved for both sides)."""
   import numpy as np
 
-  from finercut_jax import data, loading
-  from finercut_jax.search import steps_needed
+  from finercut_jax import data
+  from finercut_jax.model import loading
+  from finercut_jax.search.greedy import steps_needed
   path = loading.resolve_path(args.model)
   cfg = loading.load_config(path)
   if args.tokens:
@@ -393,7 +394,7 @@ def _cpus(args) -> list[int]:
 
 def official_flops(cfg, n: int, t: int, num_candidates: int) -> float:
   """FLOPs of C full forwards of the dense model (masked sublayers are still computed)."""
-  from finercut_jax.scorer import sublayer_flops
+  from finercut_jax.scoring.scorer import sublayer_flops
   attn, ffn, head = sublayer_flops(cfg, n, t)
   return num_candidates * (cfg.num_layers * (attn + ffn) + head)
 
@@ -782,7 +783,7 @@ def parse_args(argv=None):
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", default="smollm2-135m",
                  help="'smollm2-135m' (the packaged GGUF), a .gguf file, or a HF checkpoint dir")
-  p.add_argument("--source", default="packaged", help="calibration text source (finercut_jax.data)")
+  p.add_argument("--source", default="packaged", help="calibration text source (finercut_jax.data.text)")
   p.add_argument("--tokens", default=None,
                  help="a [N, T] .npy of token ids to use instead of --source/-N/-T")
   p.add_argument("--num_sequences", "-N", type=int, default=4)

@@ -200,7 +200,7 @@ def git_state(directory: str) -> dict:
     except (OSError, subprocess.SubprocessError):
       return None
   return {"head": git("rev-parse", "HEAD"),
-          "loading_py_modified": bool(git("status", "--porcelain", "finercut_jax/loading.py"))}
+          "loading_py_modified": bool(git("status", "--porcelain", "finercut_jax/model/loading.py"))}
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -265,7 +265,9 @@ def worker(spec: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import safetensors  # noqa: F401  (its library mapped before the baseline)
-  from finercut_jax import distributed, loading, sharding
+  from finercut_jax.parallel import distributed
+  from finercut_jax.model import loading
+  from finercut_jax.parallel import sharding
 
   n, i = spec["num_processes"], spec["process_id"]
   if n > 1:

@@ -1,4 +1,4 @@
-"""FinerCut on Llama-2-70b-hf with the paper's settings (finercut_jax.defaults.paper_config).
+"""FinerCut on Llama-2-70b-hf with the paper's settings (finercut_jax.jobs.settings.paper_config).
 
 Expects a local Hugging Face checkpoint directory (config.json + safetensors); point
 --config.model.path at it. WikiText-2 must be available to `datasets` locally, or set
@@ -8,7 +8,7 @@ Mesh: as configs/llama3_70b.py (an 8-way model axis, a multiple of 8 devices; th
 shapes, so the same meshes fit TPU slices: that file lists them. They were compiled for
 Llama-3-70B, whose larger vocabulary makes its figures an upper bound here).
 """
-from finercut_jax.defaults import paper_config
+from finercut_jax.jobs.settings import paper_config
 
 
 def get_config():

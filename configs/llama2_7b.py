@@ -1,10 +1,10 @@
-"""FinerCut on Llama-2-7b-hf with the paper's settings (finercut_jax.defaults.paper_config).
+"""FinerCut on Llama-2-7b-hf with the paper's settings (finercut_jax.jobs.settings.paper_config).
 
 Expects a local Hugging Face checkpoint directory (config.json + safetensors); point
 --config.model.path at it. WikiText-2 must be available to `datasets` locally, or set
 --config.data.source to a local .txt/.jsonl/.parquet file.
 """
-from finercut_jax.defaults import paper_config
+from finercut_jax.jobs.settings import paper_config
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""FinerCut on Meta-Llama-3-70B with the paper's settings (finercut_jax.defaults.paper_config).
+"""FinerCut on Meta-Llama-3-70B with the paper's settings (finercut_jax.jobs.settings.paper_config).
 
 Expects a local Hugging Face checkpoint directory (config.json + safetensors); point
 --config.model.path at it. WikiText-2 must be available to `datasets` locally, or set
@@ -13,7 +13,7 @@ for the slice by benchmarks/aot_memory.py --topology, README table): v5p-32 with
 --config.scorer.state_memory_gb=0. Several hosts run it as one program: launch/tpu_pod.sh (TPU VM
 slice) or launch/slurm_gpu.sbatch (SLURM GPU cluster).
 """
-from finercut_jax.defaults import paper_config
+from finercut_jax.jobs.settings import paper_config
 
 
 def get_config():

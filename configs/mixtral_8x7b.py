@@ -1,4 +1,4 @@
-"""FinerCut on Mixtral-8x7B with the paper's settings (finercut_jax.defaults.paper_config).
+"""FinerCut on Mixtral-8x7B with the paper's settings (finercut_jax.jobs.settings.paper_config).
 
 The candidates are, per block, the attention sublayer and the whole mixture-of-experts FFN (router
 and 8 experts), as in the paper. Expects a local Hugging Face checkpoint directory of
@@ -11,7 +11,7 @@ each in bfloat16) and a candidate axis over the rest, so it needs a multiple of 
 H100/H200 run 2 candidate groups. Per-device memory compiled ahead of time for this mesh:
 benchmarks/aot_memory.py (README, "Sizing a run ahead of time").
 """
-from finercut_jax.defaults import paper_config
+from finercut_jax.jobs.settings import paper_config
 
 
 def get_config():

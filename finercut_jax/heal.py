@@ -1,7 +1,7 @@
 r"""Heals a pruned model of a run: `python -m finercut_jax.heal --run_dir=runs/x --ratio=0.25`.
 
 Healing settings are the run's own `heal` section (its `config.json`; the fields and defaults are
-in `finercut_jax/healing.py`), with the command line's overrides on top:
+in `finercut_jax/healing/`), with the command line's overrides on top:
 `--heal.method=partial --heal.steps=100 --heal.learning_rate=1e-4`. `--ratio` defaults to
 `heal.ratio`. Writes `<run_dir>/healed/ratio_<r>/` (the healed checkpoint, the training
 checkpoints, `healing.json`, `healing.png`); rerun to resume an interrupted run. Then
@@ -15,8 +15,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from finercut_jax import cli
-from finercut_jax.healing import default_heal_config
+from finercut_jax.jobs import cli
+from finercut_jax.healing.run import default_heal_config
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
 _RATIO = flags.DEFINE_float("ratio", None, "Which pruned model (a ratio of masks.json); default "
@@ -32,8 +32,8 @@ def run_heal_config(run_dir: str, overrides: dict | None = None):
   """The healing settings a run was configured with, `overrides` (flat, dotted keys) on top."""
   import os
 
-  from finercut_jax.healing import resolve_heal_config
-  from finercut_jax.io import read_json
+  from finercut_jax.healing.run import resolve_heal_config
+  from finercut_jax.rundir.atomic import read_json
   run_config = read_json(os.path.join(run_dir, "config.json"))
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
@@ -44,8 +44,8 @@ def run_heal_config(run_dir: str, overrides: dict | None = None):
 
 def run(run_dir: str, ratio: float | None = None, overrides: dict | None = None) -> str:
   """Heals `ratio` of `run_dir` (every process of a multi-process job calls this)."""
-  from finercut_jax import distributed
-  from finercut_jax.healing import heal_run
+  from finercut_jax.parallel import distributed
+  from finercut_jax.healing.run import heal_run
   with cli.existing_run(run_dir):
     config = run_heal_config(run_dir, overrides)
     return heal_run(run_dir, config.ratio if ratio is None else ratio, config,

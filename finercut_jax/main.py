@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from finercut_jax import cli
+from finercut_jax.jobs import cli
 
 # The --config flag; finercut_jax.compare reads the same one.
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.")
@@ -28,8 +28,9 @@ def validate(config) -> None:
   """Checks everything that can be checked before any file is written."""
   import jax.numpy as jnp
 
-  from finercut_jax import divergence, search
-  from finercut_jax.scorer import BACKENDS
+  from finercut_jax import search
+  from finercut_jax.scoring import divergence
+  from finercut_jax.scoring.scorer import BACKENDS
   if not config.run_dir:
     raise ConfigError("config.run_dir is empty: set --config.run_dir=runs/<name>")
   divergence.check_metric(config.search.metric)
@@ -60,7 +61,7 @@ def validate(config) -> None:
   if config.scorer.backend not in BACKENDS:
     raise ConfigError(f"unknown scorer.backend {config.scorer.backend!r}; choose one of {BACKENDS}")
   if config.heal.enabled:
-    from finercut_jax.healing import check_config
+    from finercut_jax.healing.run import check_config
     check_config(config.heal)
     if not config.checkpoint:
       raise ConfigError("heal.enabled needs the pruned checkpoints: set checkpoint=True")
@@ -91,8 +92,8 @@ class Job:
   def scorer(self, settings, params, metric: str, max_candidates: int):
     """The scorer of the dense model `params` on the calibration tokens, by the config's
     `scorer` section `settings` (the dense reference pass runs here)."""
-    from finercut_jax.model import Llama
-    from finercut_jax.scorer import Scorer
+    from finercut_jax.model.modules import Llama
+    from finercut_jax.scoring.scorer import Scorer
     return Scorer(Llama.from_params(self.model_cfg, params), self.tokens, metric=metric,
                   chunk_width=settings.chunk_width, position_block=settings.position_block,
                   mesh=self.mesh, backend=settings.backend, max_candidates=max_candidates,
@@ -100,7 +101,8 @@ class Job:
                   state_memory=settings.state_memory_gb * 2**30)
 
   def load_params(self, dtype):
-    from finercut_jax import loading, sharding
+    from finercut_jax.model import loading
+    from finercut_jax.parallel import sharding
     return loading.load_params(self.model_path, dtype,
                                sharding.param_sharding_fn(self.mesh, self.model_cfg))[1]
 
@@ -112,12 +114,15 @@ def prepare(config) -> Job:
 
   import jax
 
-  from finercut_jax import data, distributed, loading, sharding
+  from finercut_jax import data
+  from finercut_jax.parallel import distributed
+  from finercut_jax.model import loading
+  from finercut_jax.parallel import sharding
 
   validate(config)
   distributed.initialize(distributed.Settings.from_config(config.get("distributed")))
   if config.get("compilation_cache"):
-    from finercut_jax.scorer import enable_compilation_cache
+    from finercut_jax.scoring.scorer import enable_compilation_cache
     logging.info("compilation cache: %s", enable_compilation_cache(config.compilation_cache))
   # A device count the config's mesh does not fit fails here, before anything is read.
   mesh = sharding.make_mesh(cand=config.scorer.mesh_cand or None, model=config.scorer.mesh_model)
@@ -158,7 +163,9 @@ def run(config) -> str:
   import jax.numpy as jnp
   import numpy as np
 
-  from finercut_jax import distributed, io, search
+  from finercut_jax import search
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
 
   job = prepare(config)
   primary = distributed.is_primary()
@@ -181,7 +188,7 @@ def run(config) -> str:
   # is locked now, before minutes of loading; a new one just before it is first written.
   lock = contextlib.ExitStack()
   take_lock = lambda: distributed.on_primary(  # noqa: E731
-      lambda: lock.enter_context(io.run_lock(run_dir)) and None)
+      lambda: lock.enter_context(atomic.run_lock(run_dir)) and None)
   # Decided once, by process 0: each process looking for itself could see the directory before
   # and after process 0 creates it, and take part in different collectives.
   existed = distributed.on_primary(lambda: os.path.isdir(run_dir))
@@ -203,7 +210,7 @@ def run(config) -> str:
                      scorer, params, tokenizer, model_path, model_cfg)
     del scorer, params
     if config.heal.enabled:
-      from finercut_jax.healing import heal_run
+      from finercut_jax.healing.run import heal_run
       heal_run(run_dir, config.heal.ratio, config.heal, mesh=mesh,
                log=print if primary else (lambda *_: None))
     if config.eval.enabled:
@@ -219,7 +226,8 @@ def _search_and_save(config, run_dir, tokens, state_path, fingerprint, spec, sco
   """Writes the run directory, runs (or resumes) the search, writes its results and checkpoints."""
   from tqdm import tqdm
 
-  from finercut_jax import distributed, rundir, search
+  from finercut_jax import rundir, search
+  from finercut_jax.parallel import distributed
   primary = distributed.is_primary()
   rundir.write_start(run_dir, config, tokens)
 

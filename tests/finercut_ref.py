@@ -1,7 +1,7 @@
 """Plain references for the scorer and search tests, written independently of the scorer.
 
 Everything here is the slow, obvious computation: one full forward pass of the model per
-candidate with the keep mask (`finercut_jax.model.forward`), logits materialized, the divergence
+candidate with the keep mask (`finercut_jax.model.modules.forward`), logits materialized, the divergence
 computed in float64 with numpy straight from the formulas of DESIGN.md section 2 (and the metric
 list of `divergence.py`'s docstring), and a greedy loop that scores every remaining candidate and
 removes the argmin (ties: lowest sublayer id).
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finercut_jax.config import LlamaConfig
-from finercut_jax.model import Llama, forward, param_shapes
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.modules import Llama, forward, param_shapes
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=6, num_heads=8,
                    num_kv_heads=4, head_dim=4, rope_theta=10000.0, tie_embeddings=False)
@@ -206,8 +206,8 @@ def shared_scorer(metric: str, family: str = "llama"):
   Compiling a scorer's programs dominates these tests' time on a CPU. Sharing also tests that a
   scorer stays exact whatever it scored before (its caches are reused across calls and searches).
   """
-  from finercut_jax.scorer import Scorer
-  from finercut_jax.sharding import make_mesh
+  from finercut_jax.scoring.scorer import Scorer
+  from finercut_jax.parallel.sharding import make_mesh
   cfg, params, tokens = tiny_model(family=family)
   return Scorer(Llama.from_params(cfg, params), tokens, metric=metric, chunk_width=1, position_block=POSITION_BLOCK,
                 mesh=make_mesh(1, 1), max_candidates=2 * cfg.num_layers)
@@ -216,7 +216,7 @@ def shared_scorer(metric: str, family: str = "llama"):
 @functools.lru_cache(maxsize=None)
 def shared_search(metric: str = "js", family: str = "llama"):
   """The full greedy ordering of the tiny model by the shared scorer (a list of step records)."""
-  from finercut_jax.search import SearchSpec, greedy_search
+  from finercut_jax.search.greedy import SearchSpec, greedy_search
   cfg = tiny_model(family=family)[0]
   return tuple(greedy_search(shared_scorer(metric, family), SearchSpec(num_layers=cfg.num_layers)))
 

@@ -22,11 +22,11 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import finercut_ref as R  # noqa: E402
-from finercut_jax.model import Llama  # noqa: E402
-from finercut_jax.planner import passes  # noqa: E402
-from finercut_jax.scorer import Scorer  # noqa: E402
-from finercut_jax.search import SearchSpec, greedy_search  # noqa: E402
-from finercut_jax.sharding import make_mesh  # noqa: E402
+from finercut_jax.model.modules import Llama  # noqa: E402
+from finercut_jax.scoring.planner import passes  # noqa: E402
+from finercut_jax.scoring.scorer import Scorer  # noqa: E402
+from finercut_jax.search.greedy import SearchSpec, greedy_search  # noqa: E402
+from finercut_jax.parallel.sharding import make_mesh  # noqa: E402
 
 
 def shared_bound() -> dict:
@@ -36,7 +36,7 @@ def shared_bound() -> dict:
   chunk stops the latter (device 1's own best is still inf)."""
   import numpy as np
 
-  from finercut_jax.scorer import Candidate, StepStats
+  from finercut_jax.scoring.scorer import Candidate, StepStats
   cfg, params, tokens = R.tiny_model()
   scorer = Scorer(Llama.from_params(cfg, params), tokens, metric="js",
                   position_block=R.POSITION_BLOCK, mesh=make_mesh(2, 1), max_candidates=4)

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from finercut_jax import main, search  # noqa: E402
-from finercut_jax.defaults import base_config  # noqa: E402
+from finercut_jax.jobs.settings import base_config  # noqa: E402
 
 
 def die():
@@ -36,8 +36,9 @@ def _arm(point):
   second model's benchmarks)."""
   import orbax.checkpoint as ocp
 
-  from finercut_jax import checkpoint, scorer
-  from finercut_jax.evaluation import benchmarks
+  from finercut_jax.model import checkpoint
+  from finercut_jax.scoring import scorer
+  from finercut_jax.evaluation import harness_tasks
   calls = {"n": 0}
 
   def nth(n, original):
@@ -60,7 +61,7 @@ def _arm(point):
     checkpoint.atomic_write_json = lambda path, obj: (
         die() if path.endswith("model.json") else original(path, obj))
   elif point == "mid_evaluation":
-    benchmarks.evaluate_tasks = nth(2, benchmarks.evaluate_tasks)
+    harness_tasks.evaluate_tasks = nth(2, harness_tasks.evaluate_tasks)
   else:
     raise ValueError(f"unknown kill point {point}")
 

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
-from finercut_jax import baselines, checkpoint, compare, loading
-from finercut_jax.model import Llama
+from finercut_jax import compare
+from finercut_jax.search import baselines
+from finercut_jax.model import checkpoint
+from finercut_jax.model import loading
+from finercut_jax.model.modules import Llama
 from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.processes import free_port, wait_all
-from finercut_jax import checkpoint
+from finercut_jax.model import checkpoint
 from test_main import job_assets, job_config  # noqa: F401  (the tiny checkpoint fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,7 +192,7 @@ def test_processes_with_different_inputs_stop_before_writing(job_assets, tmp_pat
 
 
 def test_incomplete_distributed_settings_are_refused(monkeypatch):
-  from finercut_jax import distributed
+  from finercut_jax.parallel import distributed
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(key, raising=False)
   with pytest.raises(distributed.DistributedError, match="process_id unset"):
@@ -224,11 +224,11 @@ def test_mesh_that_does_not_fit_the_devices_fails_first(job_assets, tmp_path):
 def test_a_refusal_on_process_0_stops_every_process(job_assets, tmp_path):
   """Only process 0 takes the run directory's lock: its refusal must reach the others, which
   would otherwise wait for it at the next collective forever."""
-  from finercut_jax import io
+  from finercut_jax.rundir import atomic
   model_dir, _, text = job_assets
   run_dir = tmp_path / "run"
   run_dir.mkdir()
-  with io.run_lock(str(run_dir)):
+  with atomic.run_lock(str(run_dir)):
     codes, outputs = finish(start(distributed_config(model_dir, text, run_dir), 2), timeout=300)
   assert codes == [2, 2], outputs
   for out in outputs:

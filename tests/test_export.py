@@ -1,4 +1,4 @@
-"""Exported Hugging Face checkpoints (finercut_jax.hf_export) against independent readers.
+"""Exported Hugging Face checkpoints (finercut_jax.model.export_formats) against independent readers.
 
 - Plain Llama exports are loaded by transformers' own `AutoModelForCausalLM` and compared with the
   pruned model here (tolerance 1e-4: the parity tests' float32 tolerance, see test_model.py).
@@ -21,10 +21,11 @@ import pytest
 import safetensors
 
 import finercut_jax
-from finercut_jax import checkpoint, hf_export
+from finercut_jax.model import checkpoint
+from finercut_jax.model import export_formats
 from finercut_jax.evaluation.perplexity import perplexity
-from finercut_jax.hf_export import ExportError
-from finercut_jax.scorer import Candidate, Scorer
+from finercut_jax.model.export_formats import ExportError
+from finercut_jax.scoring.scorer import Candidate, Scorer
 from hf_tiny import edit_config, hf_logits, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def test_block_export_loads_in_transformers(source, tmp_path):
   pruned = make_run(source, BLOCKS, tmp_path / "run")
   out = str(tmp_path / "export")
   # A small shard limit: several files and an index, as a large model gets.
-  fmt = hf_export.export_pruned(str(tmp_path / "run"), 0.25, out, max_shard_bytes=40_000)
+  fmt = export_formats.export_pruned(str(tmp_path / "run"), 0.25, out, max_shard_bytes=40_000)
   assert fmt == "llama"
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["num_hidden_layers"] == 3 and config["layer_types"] == ["full_attention"] * 3
@@ -108,7 +109,7 @@ def test_round_trip_scores_and_evaluates_identically(source, tmp_path):
   two models share) and the same perplexity as the pruned model it came from."""
   pruned = make_run(source, BLOCKS, tmp_path / "run")
   out = str(tmp_path / "export")
-  hf_export.export_pruned(str(tmp_path / "run"), 0.25, out)
+  export_formats.export_pruned(str(tmp_path / "run"), 0.25, out)
   back, _ = finercut_jax.load_model(out)
   blocks = [0, 2, 3]  # exported layer i is source block blocks[i]
   ours = Scorer(back, TOKENS).score(np.ones((3, 2), bool), [Candidate(s, s + 1) for s in
@@ -126,7 +127,7 @@ def test_round_trip_scores_and_evaluates_identically(source, tmp_path):
 def test_bfloat16_export(source, tmp_path):
   make_run(source, BLOCKS, tmp_path / "run")
   out = str(tmp_path / "export")
-  hf_export.export_pruned(str(tmp_path / "run"), 0.25, out, dtype="bfloat16")
+  export_formats.export_pruned(str(tmp_path / "run"), 0.25, out, dtype="bfloat16")
   assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
   with safetensors.safe_open(os.path.join(out, "model.safetensors"), framework="flax") as f:
     embed = np.asarray(f.get_tensor("model.embed_tokens.weight"))
@@ -207,7 +208,7 @@ def dense_torch_model(directory, num_layers):
 def test_decilm_export(source, tmp_path):
   pruned = make_run(source, SUBLAYERS, tmp_path / "run")
   out = str(tmp_path / "export")
-  assert hf_export.export_pruned(str(tmp_path / "run"), 0.25, out) == "decilm"
+  assert export_formats.export_pruned(str(tmp_path / "run"), 0.25, out) == "decilm"
   want_shapes, present = vllm_expected_tensors(out)
   assert read_tensors(out) == want_shapes  # exactly what vLLM builds: nothing missing or extra
   kept_blocks = [0, 1, 3, 4]  # block 2 (both sublayers removed) is dropped
@@ -227,7 +228,7 @@ def test_decilm_first_block_without_attention(source, tmp_path):
   keep = np.array([[0, 0], [0, 1], [1, 1], [1, 0], [1, 1]], bool)
   pruned = make_run(source, keep, tmp_path / "run")
   out = str(tmp_path / "export")
-  hf_export.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="decilm")
+  export_formats.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="decilm")
   _, present = vllm_expected_tensors(out)
   assert present[0] == [True, True] and present[1:] == keep[2:].tolist()
   meta = json.load(open(os.path.join(out, "finercut_export.json")))
@@ -242,7 +243,7 @@ def test_zeroed_llama_export_loads_in_transformers(source, tmp_path):
   from transformers import AutoModelForCausalLM
   pruned = make_run(source, SUBLAYERS, tmp_path / "run")
   out = str(tmp_path / "export")
-  hf_export.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="llama_zeroed")
+  export_formats.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="llama_zeroed")
   hf = AutoModelForCausalLM.from_pretrained(out).eval()
   assert hf.config.num_hidden_layers == 4
   np.testing.assert_allclose(hf_logits(hf, TOKENS), logits(pruned), rtol=0, atol=1e-4)
@@ -259,20 +260,20 @@ def test_bad_input_is_refused_and_nothing_is_half_written(source, tmp_path, monk
   run_dir = str(tmp_path / "run")
   make_run(source, SUBLAYERS, run_dir)
   with pytest.raises(FileNotFoundError, match=r"ratio 0.5 .*ratio_0.25"):
-    hf_export.export_pruned(run_dir, 0.5, str(tmp_path / "a"))
+    export_formats.export_pruned(run_dir, 0.5, str(tmp_path / "a"))
   with pytest.raises(ExportError, match="--format=decilm .* --format=llama_zeroed"):
-    hf_export.export_pruned(run_dir, 0.25, str(tmp_path / "a"), fmt="llama")
+    export_formats.export_pruned(run_dir, 0.25, str(tmp_path / "a"), fmt="llama")
   with pytest.raises(ExportError, match="unknown format 'gguf'"):
-    hf_export.export_pruned(run_dir, 0.25, str(tmp_path / "a"), fmt="gguf")
+    export_formats.export_pruned(run_dir, 0.25, str(tmp_path / "a"), fmt="gguf")
   with pytest.raises(ExportError, match="dtype 'int8'"):
-    hf_export.export_pruned(run_dir, 0.25, str(tmp_path / "a"), dtype="int8")
+    export_formats.export_pruned(run_dir, 0.25, str(tmp_path / "a"), dtype="int8")
   assert not os.path.exists(tmp_path / "a")
 
   full = tmp_path / "full"
   full.mkdir()
   (full / "keep.txt").write_text("mine")
   with pytest.raises(ExportError, match="exists and is not empty"):
-    hf_export.export_pruned(run_dir, 0.25, str(full))
+    export_formats.export_pruned(run_dir, 0.25, str(full))
   assert os.listdir(full) == ["keep.txt"]
 
   import safetensors.numpy
@@ -285,14 +286,14 @@ def test_bad_input_is_refused_and_nothing_is_half_written(source, tmp_path, monk
     return real(*args, **kwargs)
   monkeypatch.setattr(safetensors.numpy, "save_file", fail_second)
   with pytest.raises(OSError, match="No space"):
-    hf_export.export_pruned(run_dir, 0.25, str(tmp_path / "b"), max_shard_bytes=40_000)
+    export_formats.export_pruned(run_dir, 0.25, str(tmp_path / "b"), max_shard_bytes=40_000)
   assert len(calls) == 2 and not os.path.exists(tmp_path / "b") and not leftovers(tmp_path)
 
 
 def test_load_params_refuses_a_decilm_export(source, tmp_path):
   make_run(source, SUBLAYERS, tmp_path / "run")
   out = str(tmp_path / "export")
-  hf_export.export_pruned(str(tmp_path / "run"), 0.25, out)
+  export_formats.export_pruned(str(tmp_path / "run"), 0.25, out)
   with pytest.raises(finercut_jax.CheckpointError, match="search its source model"):
     finercut_jax.load_params(out)
 
@@ -331,7 +332,7 @@ def test_default_model_block_export_matches_transformers(smollm2, tmp_path):
                          tokenizer=tokenizer, source="smollm2-135m")
   pruned = checkpoint.load_pruned(run_dir, 0.1)[0]
   out = str(tmp_path / "export")
-  hf_export.export_pruned(run_dir, 0.1, out)
+  export_formats.export_pruned(run_dir, 0.1, out)
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["num_hidden_layers"] == 28 and config["tie_word_embeddings"]
   assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_token_id,
@@ -359,7 +360,7 @@ def test_multi_process_export_matches_one_process(source, tmp_path):
   (run_dir / "config.json").write_text(json.dumps({"search": {"ratio": 0.25},
                                                    "scorer": {"mesh_model": 4}}))
   one = str(tmp_path / "one")
-  hf_export.export_pruned(str(run_dir), 0.25, one)
+  export_formats.export_pruned(str(run_dir), 0.25, one)
   port, procs = free_port(), []
   for i in range(2):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",

@@ -17,10 +17,11 @@ import torch
 from transformers import AutoConfig
 
 import finercut_jax
-from finercut_jax import UnsupportedConfigError, checkpoint, load_params
-from finercut_jax.config import LlamaConfig
-from finercut_jax.loading import CheckpointError, load_config
-from finercut_jax.model import forward, sublayer_param_names
+from finercut_jax import UnsupportedConfigError, load_params
+from finercut_jax.model import checkpoint
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.loading import CheckpointError, load_config
+from finercut_jax.model.modules import forward, sublayer_param_names
 from hf_tiny import (FAMILY_CONFIGS, edit_config, hf_logits, make_hf_model, save_hf_model,
                      saved_and_loaded, write_gguf)
 
@@ -288,7 +289,7 @@ def test_export_loads_in_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral_top2"], indirect=True)
 def test_lora_on_experts_is_refused_attention_lora_works(family):
-  from finercut_jax.healing import add_lora, merge_lora
+  from finercut_jax.healing.run import add_lora, merge_lora
   _, _, _, model, tokens = family
   pruned = model.prune(np.array([[1, 1], [0, 1], [1, 1]], bool))
   with pytest.raises(ValueError, match=r"gate,up,down: LoRA on a mixture's experts is not "

@@ -1,4 +1,4 @@
-"""Healing: LoRA and partial fine-tuning of pruned models (finercut_jax.healing, .heal).
+"""Healing: LoRA and partial fine-tuning of pruned models (finercut_jax.healing.run, .heal).
 
 Gradients are checked against central finite differences of the same loss (float32: a step of
 1e-2 along a random unit direction gives a truncation error O(h^2) ~1e-4 relative and a rounding
@@ -19,8 +19,9 @@ from flax import nnx
 
 import finercut_ref as R
 from finercut_jax import healing
-from finercut_jax.model import Llama
-from finercut_jax.sharding import make_mesh
+from finercut_jax.healing import run as healing_run
+from finercut_jax.model.modules import Llama
+from finercut_jax.parallel.sharding import make_mesh
 from test_main import job_assets, job_config, text_lines  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def test_gradients_match_finite_differences(method):
   mask = jnp.ones((2, 10), bool)
 
   def loss(t):
-    return healing._sum_loss(nnx.merge(graphdef, t, rest), tokens, mask)
+    return healing_run._sum_loss(nnx.merge(graphdef, t, rest), tokens, mask)
 
   grads = jax.grad(loss)(trainable)
   leaves, treedef = jax.tree.flatten(trainable)
@@ -177,7 +178,7 @@ def test_resume_after_interruption_gives_identical_weights(pruned_run, tmp_path)
   b = json.load(open(os.path.join(out2, "healing.json")))
   assert [s["loss"] for s in a["steps"]] == [s["loss"] for s in b["steps"]]
   assert a["heldout"] == b["heldout"] and a["complete"] and b["complete"]
-  from finercut_jax import checkpoint
+  from finercut_jax.model import checkpoint
   m1, _ = checkpoint.load_pruned(straight, 0.5, healed=True)
   m2, _ = checkpoint.load_pruned(resumed, 0.5, healed=True)
   jax.tree.map(np.testing.assert_array_equal, m1.params(), m2.params())
@@ -260,7 +261,7 @@ def test_alpaca_records_train_on_the_response_only(job_assets, tmp_path):  # noq
              {"instruction": "the cat", "input": "sat on", "output": "the mat"}]
   path = tmp_path / "alpaca.json"
   path.write_text(json.dumps(records))
-  tokens, mask = healing._alpaca_windows(tokenizer, str(path), 64)
+  tokens, mask = healing_run._alpaca_windows(tokenizer, str(path), 64)
   assert tokens.shape == (2, 64)
   for row, m, r in zip(tokens, mask, records):
     response = encode(tokenizer, r["output"], add_special_tokens=False)
@@ -268,4 +269,4 @@ def test_alpaca_records_train_on_the_response_only(job_assets, tmp_path):  # noq
     assert targets[:len(response)].tolist() == response
   (tmp_path / "bad.json").write_text('{"not": "a list"}')
   with pytest.raises(ValueError, match="JSON list of"):
-    healing._alpaca_windows(tokenizer, str(tmp_path / "bad.json"), 64)
+    healing_run._alpaca_windows(tokenizer, str(tmp_path / "bad.json"), 64)

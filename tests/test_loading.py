@@ -22,8 +22,8 @@ import torch
 
 import finercut_jax
 from finercut_jax import CheckpointError, UnsupportedConfigError, load_model, load_params
-from finercut_jax import loading
-from finercut_jax.model import forward
+from finercut_jax.model import loading
+from finercut_jax.model.modules import forward
 from hf_tiny import edit_config, hf_logits, make_hf_model, save_hf_model, write_gguf
 
 # float32 parity tolerance: see test_model.py (logits O(1), measured differences <= ~2e-5).

@@ -20,11 +20,12 @@ import pytest
 
 import finercut_jax
 import finercut_ref as R
-from finercut_jax import checkpoint, data, main
+from finercut_jax import data, main
+from finercut_jax.model import checkpoint
 from finercut_jax import search as search_module
-from finercut_jax.defaults import base_config
-from finercut_jax.model import param_shapes
-from finercut_jax.model import sublayer_param_names
+from finercut_jax.jobs.settings import base_config
+from finercut_jax.model.modules import param_shapes
+from finercut_jax.model.modules import sublayer_param_names
 from hf_tiny import WORDS, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,7 +330,7 @@ def test_calibration_chunks_are_contiguous(tmp_path):
 
 
 def test_packaged_source_is_long_enough():
-  from finercut_jax.loading import load_tokenizer
+  from finercut_jax.model.loading import load_tokenizer
   passages = data.packaged_passages()
   assert len(passages) == len(set(passages)) > 500
   tokenizer = load_tokenizer("smollm2-135m")

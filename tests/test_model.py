@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import finercut_jax
-from finercut_jax.model import forward
+from finercut_jax.model.modules import forward
 from hf_tiny import TINY_CONFIGS, hf_logits, saved_and_loaded
 
 ATOL = 1e-4
@@ -134,7 +134,7 @@ def test_nnx_split_merge_roundtrip(tiny):
 def test_param_shapes_are_checked():
   cfg = finercut_jax.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2,
                                  num_heads=2, num_kv_heads=1, head_dim=4)
-  params = jax.tree.map(np.zeros, finercut_jax.model.param_shapes(cfg),
+  params = jax.tree.map(np.zeros, finercut_jax.model.modules.param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   finercut_jax.Llama.from_params(cfg, params)  # the right shapes are accepted
   params["layers"]["wk"] = params["layers"]["wk"][:, :, :2]
@@ -173,17 +173,17 @@ def test_calls_do_not_recompile(tiny):
   the same structure, reuse the program."""
   _, _, model, tokens = tiny
   model(tokens)
-  size = finercut_jax.model._forward._cache_size()
+  size = finercut_jax.model.modules._forward._cache_size()
   model(tokens)
   finercut_jax.Llama.from_params(model.config, model.params())(tokens)
-  assert finercut_jax.model._forward._cache_size() == size
+  assert finercut_jax.model.modules._forward._cache_size() == size
 
 
 def test_partition_specs_come_from_the_model():
   """Each parameter's logical axes live on the parameter; the mesh rules turn them into specs,
   keeping heads whole where the model axis does not divide them."""
   from jax.sharding import AbstractMesh, PartitionSpec as P
-  from finercut_jax import sharding
+  from finercut_jax.parallel import sharding
   cfg = finercut_jax.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12,
                                  num_layers=2, num_heads=4, num_kv_heads=1, head_dim=2)
   model = nnx.eval_shape(lambda: finercut_jax.Llama(cfg))

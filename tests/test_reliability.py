@@ -20,11 +20,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import finercut_ref as R
-from finercut_jax import checkpoint, divergence, io, main
+from finercut_jax import main
+from finercut_jax.model import checkpoint
+from finercut_jax.scoring import divergence
+from finercut_jax.rundir import atomic
 from finercut_jax import search as search_module
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run
-from finercut_jax.model import Llama
-from finercut_jax.scorer import NonFiniteError, Scorer
+from finercut_jax.model.modules import Llama
+from finercut_jax.scoring.scorer import NonFiniteError, Scorer
 from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
 from test_distributed import finish, start
 from test_main import REPO, interrupted_search, job_assets, job_config  # noqa: F401 F811
@@ -146,7 +149,7 @@ def test_tokenizer_larger_than_the_vocabulary(tmp_path, job_assets):
 
 
 def test_one_job_per_run_directory(finished_run):
-  with io.run_lock(finished_run.run_dir):
+  with atomic.run_lock(finished_run.run_dir):
     refused(finished_run, "is in use by another job", f"pid {os.getpid()}")
   main.run(finished_run)  # released: the same job runs again (nothing to score)
 
@@ -212,7 +215,7 @@ def test_evaluation_without_a_finished_search(job_assets, tmp_path):
 def test_unchanged_checkpoint_is_not_rewritten(tmp_path):
   """A rerun skips checkpoints that exist with the same contents, also for configs whose JSON
   form differs from their Python form (Llama-3 RoPE scaling is a tuple, stored as a list)."""
-  from finercut_jax.loading import load_model
+  from finercut_jax.model.loading import load_model
   src = save_hf_model(make_hf_model("llama3_rope_headdim", num_layers=2), tmp_path / "src")
   model, _ = load_model(src, tokenizer=False)
   keep = np.array([[True, False], [True, True]])
@@ -289,7 +292,7 @@ def test_bad_inputs_are_one_line_errors_before_writing(job_assets, tmp_path):
 
 
 def test_truncated_gguf_is_a_clear_error(tmp_path):
-  from finercut_jax import loading
+  from finercut_jax.model import loading
   source = loading.resolve_default_model()
   broken = tmp_path / "truncated.gguf"
   with open(source, "rb") as f:
@@ -324,7 +327,7 @@ def test_cli_errors_are_one_line(module, args, words):
 
 def test_full_disk_is_one_line(monkeypatch, capsys):
   import errno
-  from finercut_jax import cli as cli_module
+  from finercut_jax.jobs import cli as cli_module
 
   def full(*_):
     raise OSError(errno.ENOSPC, "No space left on device", "runs/x/search_state.json")

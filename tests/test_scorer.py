@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
-from finercut_jax.model import Llama
-from finercut_jax.scorer import Candidate, Scorer
-from finercut_jax.sharding import make_mesh
+from finercut_jax.model.modules import Llama
+from finercut_jax.scoring.scorer import Candidate, Scorer
+from finercut_jax.parallel.sharding import make_mesh
 
 RTOL = 1e-5
 L = R.TINY.num_layers
@@ -96,7 +96,7 @@ def test_mixtral_scores_match_reference():
 def test_state_memory_budget(states):
   """A budget for 3 kept states per candidate slot coarsens them to every 4th boundary (of 12);
   a budget of 0 keeps none. Either way the greedy ordering and scores stay exact."""
-  from finercut_jax.search import SearchSpec, greedy_search
+  from finercut_jax.search.greedy import SearchSpec, greedy_search
   cfg, params, tokens = R.tiny_model()
   one_state = tokens.size * cfg.hidden_size * 4  # float32 N*T*D
   scorer = Scorer(Llama.from_params(cfg, params), tokens, metric="js", position_block=R.POSITION_BLOCK,
@@ -240,8 +240,8 @@ sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import jax, numpy as np
 from jax._src import monitoring
 import finercut_ref as R
-from finercut_jax.model import Llama
-from finercut_jax.scorer import Candidate, Scorer, enable_compilation_cache
+from finercut_jax.model.modules import Llama
+from finercut_jax.scoring.scorer import Candidate, Scorer, enable_compilation_cache
 enable_compilation_cache({str(tmp_path / "cache")!r}, min_compile_seconds=0)
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
-from finercut_jax.scorer import Candidate
-from finercut_jax.search import (SearchSpec, SearchStateError, greedy_search, keep_mask,
+from finercut_jax.scoring.scorer import Candidate
+from finercut_jax.search.greedy import (SearchSpec, SearchStateError, greedy_search, keep_mask,
                                  steps_needed)
 
 RTOL = 1e-5
@@ -187,7 +187,7 @@ class _TiedScorer:
   """Every candidate scores exactly the same: only the tie order decides."""
 
   def score_step(self, keep, candidates, bound=True):
-    from finercut_jax.scorer import StepStats
+    from finercut_jax.scoring.scorer import StepStats
     return (np.ones(len(candidates)), np.ones(len(candidates), bool),
             StepStats(evaluations=0, naive_evaluations=1, seconds=0.0, flops=0.0))
 
@@ -197,7 +197,7 @@ def test_exact_ties_follow_the_tie_break(tie_break):
   """Ties go to the lowest sublayer id, or, as the official code, to the first module name in
   `sorted()` order (its candidate list; `benchmarks.official_baseline` mirrors it)."""
   from benchmarks.official_baseline import official_candidate_order
-  from finercut_jax.search import SearchSpec, greedy_search
+  from finercut_jax.search.greedy import SearchSpec, greedy_search
   spec = SearchSpec(num_layers=12, num_steps=24, tie_break=tie_break)
   records = greedy_search(_TiedScorer(), spec)
   remaining, want = list(range(24)), []

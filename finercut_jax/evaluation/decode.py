@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax import distributed
+from finercut_jax.parallel import distributed
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))

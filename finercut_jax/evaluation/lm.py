@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax import distributed
-from finercut_jax.config import LlamaConfig
-from finercut_jax.model import Llama, Params
+from finercut_jax.parallel import distributed
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.modules import Llama, Params
 
 
 @dataclasses.dataclass(frozen=True)

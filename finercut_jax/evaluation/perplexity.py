@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax import distributed
+from finercut_jax.parallel import distributed
 from finercut_jax.evaluation.lm import EvalModel
 
 
@@ -30,7 +30,7 @@ def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int, *,
   With `calibration` (a run's calibration tokens), the stream is checked to start with exactly
   them, so the held-out text provably follows the calibration text.
   """
-  from finercut_jax.data import token_stream
+  from finercut_jax.data.text import token_stream
   stream = token_stream(tokenizer, source)
   if calibration is not None:
     calibration = np.asarray(calibration).reshape(-1)

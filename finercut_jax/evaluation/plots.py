@@ -123,7 +123,7 @@ def plot_healing(history: dict, path: str) -> str:
 def metrics_vs_ratio(results: dict, path: str) -> str:
   """Benchmark average (and each task, faint) and held-out perplexity against the ratio, with
   the dense model as a reference line."""
-  from finercut_jax.evaluation.benchmarks import DISPLAY
+  from finercut_jax.evaluation.harness_tasks import DISPLAY
   plt = _pyplot()
   models = results["models"]
   dense = models.get("dense", {})

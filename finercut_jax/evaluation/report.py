@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from finercut_jax.evaluation.benchmarks import DISPLAY, results_table
+from finercut_jax.evaluation.harness_tasks import DISPLAY, results_table
 
 
 def _fmt_int(n) -> str:
@@ -155,7 +155,7 @@ def _config_text(d: dict, indent: str = "") -> str:
 
 
 def write_report(run_dir: str, results: dict, ranking=None, run_config=None) -> str:
-  from finercut_jax.io import atomic_write_bytes
+  from finercut_jax.rundir.atomic import atomic_write_bytes
   path = os.path.join(run_dir, "report.md")
   atomic_write_bytes(path, render(results, ranking, run_config).encode())
   return path

@@ -16,9 +16,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from finercut_jax.evaluation import benchmarks, perplexity, plots, report, throughput
+from finercut_jax.evaluation import harness_tasks, perplexity, plots, report, throughput
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig
-from finercut_jax.io import read_json
+from finercut_jax.rundir.atomic import read_json
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -66,7 +66,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
 def resolve_eval_config(eval_config=None) -> ml_collections.ConfigDict:
   """`default_eval_config()` overridden by whatever fields `eval_config` sets (a partial config,
   e.g. a job config's `eval` section holding only `enabled`, gets every other default)."""
-  from finercut_jax.cli import override_section
+  from finercut_jax.jobs.cli import override_section
   return override_section(default_eval_config(), eval_config, "eval",
                           "finercut_jax/evaluation/run.py")
 
@@ -182,14 +182,14 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   tasks = list(settings["tasks"])
   merged = dict(out.get("benchmarks", {}))
   if todo["tasks"]:
-    results = benchmarks.evaluate_tasks(model, tokenizer, todo["tasks"], _task_limits(eval_config),
+    results = harness_tasks.evaluate_tasks(model, tokenizer, todo["tasks"], _task_limits(eval_config),
                                         scoring=scoring, log=log)
     merged.update({t: {**r.summary(), "settings": settings["tasks"][t]} for t, r in results.items()})
   if merged:
     out["benchmarks"] = merged
   if tasks:
     # The average is over the tasks asked for now; results of other tasks stay stored beside it.
-    out["average"] = benchmarks.average({t: merged[t] for t in tasks})
+    out["average"] = harness_tasks.average({t: merged[t] for t in tasks})
     out["average_tasks"] = tasks
     out["limits"] = _task_limits(eval_config)
   out["seconds"] = time.perf_counter() - start
@@ -201,7 +201,7 @@ def _load_model(run_dir, run_config, key, masks, mesh, dense_model):
   (dense), its pruned checkpoint, or, without one (config.checkpoint=False), the dense weights
   pruned by the mask. Returns (EvalModel, tokenizer or None, source, the dense `Llama` to keep for
   later mask-pruned ratios: only when the run wrote no checkpoints, else None)."""
-  from finercut_jax import checkpoint
+  from finercut_jax.model import checkpoint
   if key == "dense":
     dense, tokenizer = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)
     # Kept only where a ratio has no checkpoint and is pruned from it: never a second copy else.
@@ -237,7 +237,7 @@ class _RunText:
     if self._tokenizer is None:
       self._tokenizer = model_tokenizer
     if self._tokenizer is None:
-      from finercut_jax.loading import load_tokenizer
+      from finercut_jax.model.loading import load_tokenizer
       self._tokenizer = load_tokenizer(self.run_config["model"]["path"])
     return self._tokenizer
 
@@ -252,8 +252,8 @@ def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scor
                      results, path, mesh, log, text: _RunText):
   """Evaluates, one model at a time (each loaded onto `mesh`, evaluated, then freed), the dense
   model and each ratio not in `done`, with its throughput."""
-  from finercut_jax import distributed
-  from finercut_jax.io import atomic_write_json
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir.atomic import atomic_write_json
   tp = eval_config.throughput
   prompt, dense_model = None, None
   settings = _settings(eval_config)
@@ -298,7 +298,8 @@ def _evaluate_healed(run_dir, eval_config, ratios, previous, scoring, record, me
                      text: _RunText):
   """Evaluates the healed model of each ratio that has one (`finercut_jax.heal`), beside the
   pruned one; a stored result is reused only for the same healing run and settings."""
-  from finercut_jax import checkpoint, distributed
+  from finercut_jax.model import checkpoint
+  from finercut_jax.parallel import distributed
   settings = _settings(eval_config)
   for key in ratios:
     directory = os.path.join(run_dir, "healed", checkpoint.ratio_name(float(key)))
@@ -337,8 +338,8 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   sharded by the sharding rules, one at a time. On several processes every process calls this;
   process 0 reads and writes the run directory and logs.
   """
-  from finercut_jax import distributed
-  from finercut_jax.io import atomic_write_json
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir.atomic import atomic_write_json
   primary = distributed.is_primary()
   if not primary:
     log = lambda *_: None  # noqa: E731
@@ -349,7 +350,7 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   if run_config is None:
     raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
   if not int(eval_config.scoring.max_length):
-    from finercut_jax import loading
+    from finercut_jax.model import loading
     model_path = loading.resolve_path(run_config["model"]["path"])
     resolve_max_length(eval_config, distributed.on_primary(
         lambda: loading.load_config(model_path).max_position_embeddings))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finercut_jax.config import LlamaConfig
+from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.evaluation import decode
 from finercut_jax.evaluation.lm import EvalModel
 

@@ -20,7 +20,7 @@ decoding) runs one sublayer at a time out of the stacks, inside one `lax.scan`/`
 so an 80-layer model compiles as fast as a 2-layer one.
 
 Parameters carry their logical axes (`out_sharding` metadata, e.g. `("layers", "embed",
-"q_heads")`); `sharding.py` maps them onto a mesh. `Llama.params()` / `Llama.from_params` convert to
+"q_heads")`); `parallel/sharding.py` maps them onto a mesh. `Llama.params()` / `Llama.from_params` convert to
 and from the checkpoint layout (`Params`) that loading and the pruned checkpoints use:
   embed       [V, D]
   layers/attn_norm [L, D], wq [L, D, H*hd], wk [L, D, KV*hd], wv [L, D, KV*hd], wo [L, H*hd, D]
@@ -44,7 +44,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from finercut_jax.config import LlamaConfig
+from finercut_jax.model.architecture import LlamaConfig
 
 Params = dict[str, Any]
 ATTN, FFN = 0, 1

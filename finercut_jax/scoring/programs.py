@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax import divergence
+from finercut_jax.scoring import divergence
 
 
 class ChunkPlan(NamedTuple):

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from finercut_jax.evaluation.benchmarks import DISPLAY, PAPER_METRIC
+from finercut_jax.evaluation.harness_tasks import DISPLAY, PAPER_METRIC
 
 
 def _model_summary(entry: dict, tasks: list[str]) -> dict:
@@ -58,7 +58,7 @@ def _over_seeds(runs: list[dict]) -> dict:
 
 def summarize(job, dense: dict, evaluations: dict, directories: dict, ratios, eval_config) -> dict:
   """comparison.json's content from the dense entry and each method's `evaluate_run` results."""
-  from finercut_jax.baselines import get_method, units_removed
+  from finercut_jax.search.baselines import get_method, units_removed
   tasks = [t.strip() for t in str(eval_config.tasks).split(",") if t.strip()]
   L = job.model_cfg.num_layers
   dense_summary = _model_summary(dense, tasks)
@@ -192,7 +192,7 @@ def plot(result: dict, directory: str, masks: dict) -> None:
 
 
 def write(directory: str, result: dict) -> None:
-  from finercut_jax.io import atomic_write_bytes, atomic_write_json, read_json
+  from finercut_jax.rundir.atomic import atomic_write_bytes, atomic_write_json, read_json
   masks = {name: read_json(os.path.join(directory, name, "masks.json"))
            for name in result["methods"]}
   plot(result, directory, masks)

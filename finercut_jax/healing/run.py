@@ -46,9 +46,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from finercut_jax import distributed
-from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.model import Llama
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir.atomic import atomic_write_json, read_json
+from finercut_jax.model.modules import Llama
 
 METHODS = ("lora", "partial")
 LORA_TARGETS = {"q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"),
@@ -94,10 +94,10 @@ def default_heal_config() -> ml_collections.ConfigDict:
 
 def resolve_heal_config(heal_config=None) -> ml_collections.ConfigDict:
   """Defaults overridden by whatever fields `heal_config` sets; unknown fields are refused."""
-  from finercut_jax.cli import override_section
+  from finercut_jax.jobs.cli import override_section
   try:
     return override_section(default_heal_config(), heal_config, "heal",
-                            "finercut_jax/healing.py")
+                            "finercut_jax/healing/")
   except KeyError as e:
     raise ValueError(e.args[0]) from None
 
@@ -399,7 +399,7 @@ class Trainer:
   """The compiled training and held-out steps of one model and method."""
 
   def __init__(self, model: Llama, c, mesh):
-    from finercut_jax.sharding import CAND, shard_state
+    from finercut_jax.parallel.sharding import CAND, shard_state
     self.c, self.mesh = c, mesh
     selected, mask_fn = trainable_parts(model, c)
     graphdef, self.keys, trainable, frozen = nnx.split(model, DropoutKey, selected, ...)
@@ -578,7 +578,7 @@ def train(trainer: Trainer, data_: TrainingData, directory: str, fingerprint: di
 
 
 def healed_dir(run_dir: str, ratio: float) -> str:
-  from finercut_jax.checkpoint import ratio_name
+  from finercut_jax.model.checkpoint import ratio_name
   return os.path.join(run_dir, "healed", ratio_name(ratio))
 
 
@@ -586,9 +586,9 @@ def heal_run(run_dir: str, ratio: float, heal_config=None, *, mesh=None, log=pri
              progress: bool = True) -> str:
   """Heals the pruned model of `run_dir` at `ratio`; returns the healed checkpoint directory.
   Every process of a multi-process job calls it."""
-  from finercut_jax import checkpoint
+  from finercut_jax.model import checkpoint
   from finercut_jax.evaluation.run import heldout_for_run, resolve_eval_config
-  from finercut_jax.sharding import make_mesh
+  from finercut_jax.parallel.sharding import make_mesh
   c = resolve_heal_config(heal_config)
   check_config(c)
   run_config = distributed.on_primary(lambda: read_json(os.path.join(run_dir, "config.json")))
@@ -601,7 +601,7 @@ def heal_run(run_dir: str, ratio: float, heal_config=None, *, mesh=None, log=pri
   dtype = _compute_dtype(c)
   model, tokenizer = checkpoint.load_pruned(run_dir, ratio, dtype=jnp.float32)
   if tokenizer is None:
-    from finercut_jax.loading import load_tokenizer
+    from finercut_jax.model.loading import load_tokenizer
     tokenizer = load_tokenizer(run_config["model"]["path"])
   params = model.params()
   model = Llama.from_params(model.config, params, present=model.present, dtype=dtype)

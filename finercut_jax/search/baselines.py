@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax.model import Llama
-from finercut_jax.scorer import Candidate
-from finercut_jax.search import describe
+from finercut_jax.model.modules import Llama
+from finercut_jax.scoring.scorer import Candidate
+from finercut_jax.search.greedy import describe
 
 
 @dataclasses.dataclass(frozen=True)

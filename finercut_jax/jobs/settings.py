@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from finercut_jax.evaluation.run import default_eval_config
-from finercut_jax.healing import default_heal_config
+from finercut_jax.healing.run import default_heal_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = True  # write Orbax checkpoints of the pruned models
 
-  # Healing of one pruned model after the search (finercut_jax/healing.py): the official code's
+  # Healing of one pruned model after the search (finercut_jax/healing/): the official code's
   # LoRA settings; off unless a config or --config.heal.enabled=True asks for it.
   c.heal = default_heal_config()
 

@@ -69,7 +69,7 @@ def _head_units(cfg) -> dict:
 def param_sharding_fn(mesh: Mesh, cfg):
   """`sharding_fn(name, shape)` for `loading.load_params`: a checkpoint-layout parameter placed by
   the logical axes the model declares for it (`model.logical_axes`)."""
-  from finercut_jax.model import logical_axes
+  from finercut_jax.model.modules import logical_axes
   axes, units = logical_axes(cfg), _head_units(cfg)
 
   def fn(name, shape):

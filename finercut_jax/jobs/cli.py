@@ -55,7 +55,7 @@ def unknown_setting(error: Exception, argv: list[str]) -> None:
   hint = rest.strip().strip("\"'")
   fail(f"unknown setting {name or key}{' (in the config file)' if name is None else ''}"
        f"{': ' + hint if hint else ''}; the fields and their defaults are in "
-       f"finercut_jax/defaults.py (evaluation: finercut_jax/evaluation/run.py)")
+       f"finercut_jax/jobs/settings.py (evaluation: finercut_jax/evaluation/run.py)")
 
 
 @contextlib.contextmanager
@@ -96,8 +96,9 @@ def run_mesh(run_dir: str):
   """The mesh a run searched on (its config's `scorer.mesh_model`), over this job's devices."""
   import os
 
-  from finercut_jax import io, sharding
-  run_config = io.read_json(os.path.join(run_dir, "config.json"), {})
+  from finercut_jax.rundir import atomic
+  from finercut_jax.parallel import sharding
+  run_config = atomic.read_json(os.path.join(run_dir, "config.json"), {})
   return sharding.make_mesh(model=run_config.get("scorer", {}).get("mesh_model", 1))
 
 
@@ -107,12 +108,13 @@ def existing_run(run_dir: str):
   runtime, and holds the run directory's lock on process 0 for the block."""
   import os
 
-  from finercut_jax import distributed, io
+  from finercut_jax.parallel import distributed
+  from finercut_jax.rundir import atomic
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"{run_dir}: no such run directory")
   distributed.initialize()
   lock = contextlib.ExitStack()
-  distributed.on_primary(lambda: lock.enter_context(io.run_lock(run_dir)) and None)
+  distributed.on_primary(lambda: lock.enter_context(atomic.run_lock(run_dir)) and None)
   with lock:
     yield
 

@@ -47,10 +47,10 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 
-from finercut_jax import distributed
-from finercut_jax.config import LlamaConfig, decilm_intermediate_size
-from finercut_jax.io import atomic_write_json, read_json
-from finercut_jax.model import ATTN, ATTN_PARAM_NAMES, FFN, Llama
+from finercut_jax.parallel import distributed
+from finercut_jax.model.architecture import LlamaConfig, decilm_intermediate_size
+from finercut_jax.rundir.atomic import atomic_write_json, read_json
+from finercut_jax.model.modules import ATTN, ATTN_PARAM_NAMES, FFN, Llama
 
 FORMATS = ("auto", "llama", "decilm", "llama_zeroed")
 WEIGHTS, NO_OP, ZERO = "weights", "no_op", "zero"
@@ -147,7 +147,7 @@ def exported_config(base: dict, model: Llama, rows: list[ExportedLayer], fmt: st
 def _source_dir(source: str | None) -> str | None:
   """The source checkpoint's directory when it is a Hugging Face directory still on disk (not a
   GGUF file): its config.json and generation_config.json are the export's starting point."""
-  from finercut_jax.loading import resolve_path
+  from finercut_jax.model.loading import resolve_path
   path = resolve_path(source) if source else None
   return path if path and os.path.isdir(path) else None
 
@@ -158,7 +158,7 @@ def _source_dir(source: str | None) -> str | None:
 def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   """`(Hugging Face name, shape, fetch)` for every exported tensor, in file order; `fetch()` is
   that tensor as a host array in the Hugging Face layout (every process calls it)."""
-  from finercut_jax.loading import _HF_TOP_NAMES, hf_layer_names
+  from finercut_jax.model.loading import _HF_TOP_NAMES, hf_layer_names
   params = model.params()
   stacks = {**params["layers"]} if "layers" in params else {**params["attn"], **params["ffn"]}
   index = model.layers.stack_index.reshape(-1, 2)  # [L, 2]: each sublayer's stack row
@@ -317,7 +317,7 @@ def export_pruned(run_dir: str, ratio: float, out: str, *, fmt: str = "auto", dt
                   healed: bool = False, mesh=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
                   ) -> str:
   """Exports the pruned (or healed) model of a run at `ratio` to `out`; returns the format."""
-  from finercut_jax.checkpoint import load_pruned, ratio_name
+  from finercut_jax.model.checkpoint import load_pruned, ratio_name
   distributed.on_primary(lambda: check_output_dir(os.path.abspath(out)))
   group = "healed" if healed else "pruned"
   directory = os.path.join(run_dir, group, ratio_name(ratio))

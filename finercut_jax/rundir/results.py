@@ -12,15 +12,17 @@ import os
 
 import numpy as np
 
-from finercut_jax import checkpoint, distributed, io
+from finercut_jax.model import checkpoint
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir import atomic
 
 
 def write_start(run_dir: str, config, tokens: np.ndarray) -> None:
   """The resolved config and the calibration tokens (a failed write stops every process)."""
   def write():
     os.makedirs(run_dir, exist_ok=True)
-    io.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
-    io.atomic_save_npy(os.path.join(run_dir, "calibration_tokens.npy"), tokens)
+    atomic.atomic_write_json(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
+    atomic.atomic_save_npy(os.path.join(run_dir, "calibration_tokens.npy"), tokens)
   distributed.on_primary(write)
 
 
@@ -33,6 +35,6 @@ def save_results(run_dir: str, ranking: dict, masks: dict[str, np.ndarray], *, m
       checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, float(ratio)), model_cfg, params,
                              np.asarray(keep, bool), tokenizer=tokenizer, source=source)
   distributed.on_primary(lambda: (
-      io.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking),
-      io.atomic_write_json(os.path.join(run_dir, "masks.json"),
+      atomic.atomic_write_json(os.path.join(run_dir, "ranking.json"), ranking),
+      atomic.atomic_write_json(os.path.join(run_dir, "masks.json"),
                            {r: np.asarray(k, bool).tolist() for r, k in masks.items()})) and None)

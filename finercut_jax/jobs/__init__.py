@@ -1,0 +1,1 @@
+"""The jobs the commands run, as library functions."""
