@@ -19,7 +19,7 @@ With `--topology=NAME` (a TPU slice: v5p:2x2x4, v5e:8x8, v4:2x2x4, v6e:4x4, ...)
 compiled by the real TPU compiler (libtpu), deviceless, on this machine: the mesh is laid over the
 slice's abstract chips (`jax.experimental.topologies`), and the figures are the TPU compiler's own,
 per chip, with its cost analysis (FLOPs, bytes accessed). The evaluation's scoring program
-(`evaluation.lm._score_slots`, the dense model in the pruned layout, one batch of the largest
+(`evaluation.lm.score_slots`, the dense model in the pruned layout, one batch of the largest
 sequence bucket) is compiled too and sized apart: the scorer is freed before the evaluation. The
 chip's HBM comes from the topology name unless --device_memory_gib is given. The last line of the
 output is the verdict alone: `fits` or `DOES NOT FIT`. libtpu lives in its own environment
@@ -33,13 +33,29 @@ compiling the step program at each size tried.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import topologies
 from ml_collections import config_flags
+
+# Importing these starts no JAX backend: `measure` and `tpu_devices` still choose the platform
+# (simulated CPU devices; libtpu's environment) before the first computation.
+from finercut_jax.evaluation.lm import score_slots
+from finercut_jax.evaluation.run import resolve_eval_config, scoring_config
+from finercut_jax.model import loading
+from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.modules import Llama, logical_axes, param_shapes
+from finercut_jax.parallel import sharding
+from finercut_jax.rundir.atomic import atomic_write_json
+from finercut_jax.scoring.scorer import Scorer, sublayer_flops
+from finercut_jax.search.greedy import SearchSpec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A job config file (configs/*.py).")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (the mesh spans all of them).")
@@ -86,8 +102,6 @@ GIB = 2**30
 
 
 def model_config(path: str):
-  from finercut_jax.model import loading
-  from finercut_jax.model.architecture import LlamaConfig
   if os.path.exists(loading.resolve_path(path)):
     return loading.load_config(loading.resolve_path(path))
   name = os.path.basename(os.path.normpath(path))
@@ -99,8 +113,6 @@ def model_config(path: str):
 
 
 def per_device_bytes(tree) -> int:
-  import jax
-  import numpy as np
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
 
@@ -108,12 +120,6 @@ def per_device_bytes(tree) -> int:
 def abstract_scorer(config, cfg, dtype, mesh, state_memory_gb=None):
   """The job config's scorer over abstract parameters on `mesh`, and the candidate pool
   (`state_memory_gb` overrides the config's)."""
-  import jax
-  import numpy as np
-  from finercut_jax.model.modules import param_shapes
-  from finercut_jax.model.modules import Llama
-  from finercut_jax.scoring.scorer import Scorer
-  from finercut_jax.search.greedy import SearchSpec
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
   tokens = np.zeros((config.data.num_sequences, config.data.seq_len), np.int32)
@@ -136,12 +142,8 @@ def scorer_held_bytes(scorer) -> dict:
 
 
 def measure(config, devices: int) -> dict:
-  import jax
-  import jax.numpy as jnp
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
-
-  from finercut_jax.parallel import sharding
 
   cfg = model_config(config.model.path)
   dtype = jnp.dtype(config.model.dtype)
@@ -231,11 +233,9 @@ def tpu_devices(topology: str):
   # libtpu takes a lock file (/tmp/libtpu_lockfile) so that one process owns the TPU; there is
   # none here, and runs for several slices may go side by side.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  import jax
   # The default backend stays the CPU (the few concrete arrays the scorer makes live there); the
   # TPU backend itself cannot start without a TPU, and is not needed.
   jax.config.update("jax_platforms", "cpu")
-  from jax.experimental import topologies
   try:
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     if len(devices) == 2 * chips:
@@ -285,8 +285,6 @@ def new_bytes(p: dict) -> int:
 def replicated_weights(cfg, mesh) -> list[str]:
   """Head-split weights that stay whole on every chip because the heads do not divide the model
   axis (sharding.logical_spec keeps a head on one chip)."""
-  from finercut_jax.parallel import sharding
-  from finercut_jax.model.modules import logical_axes, param_shapes
   if mesh.shape[sharding.MODEL] == 1:
     return []
   fn = sharding.param_sharding_fn(mesh, cfg)
@@ -297,16 +295,9 @@ def replicated_weights(cfg, mesh) -> list[str]:
 
 
 def lower_evaluation(config, cfg, dtype, mesh, slots: int):
-  """The evaluation's scoring program (`evaluation.lm._score_slots`) for the dense model,
+  """The evaluation's scoring program (`evaluation.lm.score_slots`) for the dense model,
   on one batch of the largest sequence bucket (as `loglikelihood_tokens` sizes it).
   Returns (lowered program, batch shape, per-chip bytes of its inputs)."""
-  import jax
-  import jax.numpy as jnp
-  from finercut_jax.parallel import sharding
-  from finercut_jax.evaluation.lm import _score_slots
-  from finercut_jax.evaluation.run import resolve_eval_config, scoring_config
-  from flax import nnx
-  from finercut_jax.model.modules import Llama, param_shapes
   scoring = scoring_config(resolve_eval_config(config.get("eval")).scoring)
   max_length = scoring.max_length or cfg.max_position_embeddings  # 0: the model's, as lm-eval
   seq = max([b for b in scoring.seq_buckets if b <= max_length] or
@@ -320,7 +311,7 @@ def lower_evaluation(config, cfg, dtype, mesh, slots: int):
   inputs = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
             for shape in ((rows, seq),) * 3 + ((rows, slots),) * 2]  # tokens, positions,
   # segments, slot positions, slot targets
-  lowered = _score_slots.lower(graphdef, params, *inputs)
+  lowered = score_slots.lower(graphdef, params, *inputs)
   held = {"params": per_device_bytes(params),
           "tokens, positions, segments, slots": per_device_bytes(inputs)}
   return lowered, {"rows": rows, "seq_len": seq, "slots": slots,
@@ -371,9 +362,7 @@ def fit_states(config, cfg, dtype, mesh, fixed_new: int, budget: float, level: i
 
 def measure_tpu(config, topology: str, eval_slots: int, headroom: float, hbm_gib: float,
                 search_states: bool = False) -> dict:
-  import jax.numpy as jnp
   devices = tpu_devices(topology)
-  from finercut_jax.parallel import sharding
 
   cfg = model_config(config.model.path)
   dtype = jnp.dtype(config.model.dtype)
@@ -423,7 +412,6 @@ def measure_tpu(config, topology: str, eval_slots: int, headroom: float, hbm_gib
                   "state_memory_gb": state_budget_gb(fit["levels"], level), "method": "compiled"}
   # XLA's cost analysis counts a loop body once and a conditional's costliest branch: per
   # iteration figures. The whole dense passes by the FLOP model, per chip (model axis split):
-  from finercut_jax.scoring.scorer import sublayer_flops
   attn, ffn, head = sublayer_flops(cfg, n, t)
   split = mesh.shape[sharding.MODEL]
   programs["reference"]["model_flops"] = (cfg.num_layers * (attn + ffn) + head) / split
@@ -548,7 +536,6 @@ def main(argv):
     text = report(r, _DEVICE_MEMORY.value)
   print(text)
   if _OUT.value:
-    from finercut_jax.rundir.atomic import atomic_write_json
     atomic_write_json(_OUT.value, r)
 
 

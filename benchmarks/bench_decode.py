@@ -12,28 +12,23 @@ the same ids, and the benchmark reports how many leading new tokens agree (float
 make a near-tie argmax differ late in a long continuation).
 
 It uses only `EvalModel.wrap` and `decode.greedy_generate`, so the same command measures an
-older checkout of the project for a before/after comparison.
+older checkout of the project (with the same package layout) for a before/after comparison.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+from benchmarks.bench_scorer import load_hf_model
+from benchmarks.machine import cpu_name
+from finercut_jax import data
+from finercut_jax.evaluation import decode
+from finercut_jax.evaluation.lm import EvalModel
+from finercut_jax.model import loading
 
 
 def _timed(fn, repeats: int):
@@ -57,14 +52,9 @@ def main(argv=None):
   p.add_argument("--skip_torch", action="store_true", help="measure this project only")
   p.add_argument("--out", default=None, help="also write the figures to this JSON file")
   args = p.parse_args(argv)
-  if args.threads:  # XLA sizes its CPU thread pool from the schedulable CPUs
+  if args.threads:  # XLA sizes its CPU thread pool (when JAX first runs) from the schedulable CPUs
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
   threads = len(os.sched_getaffinity(0))
-
-  from finercut_jax import data
-  from finercut_jax.model import loading
-  from finercut_jax.evaluation import decode
-  from finercut_jax.evaluation.lm import EvalModel
 
   path = loading.resolve_path(args.model)
   model, tokenizer = loading.load_model(path)
@@ -79,7 +69,7 @@ def main(argv=None):
   first = time.perf_counter() - start
   times, ours = _timed(run, args.repeats)
   result = {
-      "benchmark": "bench_decode", "cpu": _cpu_name(), "threads": threads, "model": path,
+      "benchmark": "bench_decode", "cpu": cpu_name(), "threads": threads, "model": path,
       "batch": B, "prompt_tokens": P, "new_tokens": M, "repeats": args.repeats,
       "jax": {"first_call_seconds": first, "seconds": times,
               "median_seconds": statistics.median(times),
@@ -90,10 +80,9 @@ def main(argv=None):
         f"compilation, {first:.1f} s)", flush=True)
 
   if not args.skip_torch:
-    import torch
-    from benchmarks.bench_scorer import _load_hf_model
+    import torch  # lazy: only for the transformers side (--skip_torch measures without torch)
     torch.set_num_threads(threads)
-    hf = _load_hf_model(path)
+    hf = load_hf_model(path)
     ids = torch.tensor(prompts)
     gen = lambda: hf.generate(  # noqa: E731
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=M, min_new_tokens=M,

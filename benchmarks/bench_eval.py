@@ -17,7 +17,14 @@ import json
 import statistics
 import time
 
-from benchmarks.bench_decode import _cpu_name
+import jax
+import numpy as np
+
+from benchmarks.machine import cpu_name
+from finercut_jax.evaluation import harness_tasks
+from finercut_jax.evaluation.lm import EvalModel, loglikelihood
+from finercut_jax.evaluation.run import default_eval_config, scoring_config
+from finercut_jax.model import loading
 
 
 def main(argv=None):
@@ -29,14 +36,6 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
-
-  import jax
-  import numpy as np
-
-  from finercut_jax.model import loading
-  from finercut_jax.evaluation import harness_tasks
-  from finercut_jax.evaluation.lm import EvalModel, loglikelihood
-  from finercut_jax.evaluation.run import default_eval_config, scoring_config
 
   path = loading.resolve_path(args.model)
   cfg, params = loading.load_params(path)
@@ -81,11 +80,11 @@ def main(argv=None):
   max_ll_diff = max(float(np.max(np.abs(np.asarray(a["ll"]) - np.asarray(b["ll"]))))
                     for t in tasks for a, b in zip(old[t][1], new[t][1]))
   speedup = rows["one row per request"]["seconds"] / rows["shared contexts"]["seconds"]
-  report = {"cpu": _cpu_name(), "devices": str(jax.devices()), "model": path,
+  report = {"cpu": cpu_name(), "devices": str(jax.devices()), "model": path,
             "tasks": tasks, "limit": args.limit, "documents": n_docs, "repeats": args.repeats,
             "modes": rows, "speedup": speedup, "same_predictions": same_predictions,
             "same_metrics": same_metrics, "max_loglikelihood_difference": max_ll_diff}
-  print(f"{_cpu_name()}; {n_docs} documents ({args.limit} per task of {', '.join(tasks)})")
+  print(f"{cpu_name()}; {n_docs} documents ({args.limit} per task of {', '.join(tasks)})")
   for name, r in rows.items():
     print(f"  {name:22s} {r['docs_per_second']:8.2f} docs/s  (median of {args.repeats}: "
           f"{r['seconds']:.1f} s; first call {r['first_call_seconds']:.1f} s)")

@@ -27,11 +27,15 @@ it. Process 0 of the largest N also gathers whole weights across processes
 (`process_allgather`) and compares them bit for bit with the file's tensors.
 
 `--impl DIR` loads `finercut_jax` from DIR instead of this checkout (to measure a modified
-loading.py without touching the repository). Internal: `--worker SPEC_JSON` is one process.
+finercut_jax/model/loading.py without touching the repository). Internal: `--worker SPEC_JSON`
+is one process.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -141,9 +149,6 @@ def hf_shapes(a) -> dict:
 
 
 def write_checkpoint(directory: str, a) -> None:
-  import ml_dtypes
-  import numpy as np
-  from safetensors.numpy import save_file
   dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[a.file_dtype]
   os.makedirs(directory, exist_ok=True)
   config = {
@@ -186,13 +191,13 @@ def write_checkpoint(directory: str, a) -> None:
 
 
 def file_sha256(path: str) -> str:
-  import hashlib
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
 
 def git_state(directory: str) -> dict:
-  """The commit of `directory`'s checkout and whether its loading.py differs from it."""
+  """The commit of `directory`'s checkout and whether its finercut_jax/model/loading.py differs
+  from it."""
   def git(*args):
     try:
       return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True,
@@ -236,9 +241,10 @@ def cached_bytes(directory: str) -> int | None:
 
 
 def file_tensor(directory: str, name: str):
-  """One tensor straight from the files (own header parse + np.memmap), for the exact check."""
-  import ml_dtypes
-  import numpy as np
+  """One tensor straight from the files (own header parse + np.memmap), for the exact check.
+
+  Returns an array of the file's dtype and shape (HF [out, in] for projections).
+  """
   with open(os.path.join(directory, "model.safetensors.index.json")) as f:
     fname = json.load(f)["weight_map"][name]
   path = os.path.join(directory, fname)
@@ -261,13 +267,13 @@ def worker(spec: dict) -> dict:
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["JAX_NUM_CPU_DEVICES"] = "1"
   sys.path.insert(0, spec["impl"])
+  # lazy: JAX reads the environment above when imported, and finercut_jax comes from --impl
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import safetensors  # noqa: F401  (its library mapped before the baseline)
-  from finercut_jax.parallel import distributed
+
   from finercut_jax.model import loading
-  from finercut_jax.parallel import sharding
+  from finercut_jax.parallel import distributed, sharding
 
   n, i = spec["num_processes"], spec["process_id"]
   if n > 1:
@@ -328,8 +334,6 @@ def worker(spec: dict) -> dict:
   # jaxlib drops its reference to the host array of the last device_put lazily, at its next call
   # (measured: the last parameter's host copy stays until then), so the memory held for good is
   # read after one more tiny transfer; then after returning the allocator's free pages.
-  import ctypes
-  import gc
   jax.device_put(np.zeros(1, np.float32), jax.local_devices()[0]).block_until_ready()
   gc.collect()
   result["held_anon_above_baseline"] = read_status()["RssAnon"] - base["RssAnon"]
@@ -340,7 +344,7 @@ def worker(spec: dict) -> dict:
     result["held_anon_after_trim_above_baseline"] = None
 
   if spec["verify"]:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # lazy: JAX, as above
     checks = {}
     for ours, hf, transpose in (("wo", "self_attn.o_proj.weight", True),
                                 ("w_down", "mlp.down_proj.weight", True),
@@ -374,6 +378,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_n(a, n: int, verify: bool) -> list[dict]:
+  # lazy: the workers run this file as a script, where the `benchmarks` package is not importable
   from benchmarks.processes import free_port, wait_all
   port = free_port()
   procs = []

@@ -75,6 +75,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.machine import read_status_kib
+
 METRICS = ("js_official", "js")
 KINDS = ("attn", "ffn")
 
@@ -109,6 +111,8 @@ def official_calibration_tokens(tokenizer, texts: Sequence[str], num_samples: in
   Rows with `len(text) > 0` are kept as they are (leading space and trailing newline included),
   joined with " ", tokenized once with the tokenizer's defaults (special tokens added: BOS for
   Llama tokenizers), and the first num_samples*max_length tokens cut into contiguous rows.
+
+  Returns int64 [num_samples, max_length].
   """
   text = " ".join(t for t in texts if len(t) > 0)
   ids = tokenizer(text)["input_ids"]
@@ -151,7 +155,10 @@ def remove_hooks(handles: list) -> None:
 
 @torch.no_grad()
 def collect_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
-  """Per-sequence (batch 1) forwards; float32 logits of all positions concatenated on the host."""
+  """Per-sequence (batch 1) forwards; float32 logits of all positions concatenated on the host.
+
+  tokens: int64 [N, T]. Returns float32 [N, T, V] on the CPU.
+  """
   device = next(hf_model.parameters()).device
   result = None
   for row in tokens:
@@ -164,7 +171,10 @@ def collect_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def js_official(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-  """0.5*[KL(M||P) + KL(M||Q)], mean over all position*vocab elements (official `js_divergence`)."""
+  """0.5*[KL(M||P) + KL(M||Q)], mean over all position*vocab elements (official `js_divergence`).
+
+  ref_logits, logits: float32 [N, T, V]. Returns a float32 scalar tensor.
+  """
   m = 0.5 * (F.softmax(ref_logits, dim=-1) + F.softmax(logits, dim=-1))
   with warnings.catch_warnings():
     # torch warns that reduction='mean' divides by the vocabulary too: that is the official value.
@@ -174,7 +184,10 @@ def js_official(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def js_textbook(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-  """0.5*KL(P||M) + 0.5*KL(Q||M) summed over the vocabulary, mean over positions, float32."""
+  """0.5*KL(P||M) + 0.5*KL(Q||M) summed over the vocabulary, mean over positions, float32.
+
+  ref_logits, logits: [N, T, V]. Returns a float32 scalar tensor.
+  """
   lp = F.log_softmax(ref_logits.float(), dim=-1)
   lq = F.log_softmax(logits.float(), dim=-1)
   lm = torch.logaddexp(lp, lq) - math.log(2.0)
@@ -188,7 +201,10 @@ DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 def score_pruned_set(hf_model, tokens: torch.Tensor, ref_logits: torch.Tensor,
                      pruned: Sequence[int], metric: str = "js_official") -> float:
-  """One official evaluation: hooks on `pruned`, N batch-1 forwards, divergence on the host."""
+  """One official evaluation: hooks on `pruned`, N batch-1 forwards, divergence on the host.
+
+  tokens: int64 [N, T]; ref_logits: float32 [N, T, V] (`collect_logits` of the dense model).
+  """
   handles = add_zero_hooks(hf_model, pruned)
   try:
     logits = collect_logits(hf_model, tokens)
@@ -292,17 +308,6 @@ def official_greedy(hf_model, calib_tokens, num_steps: int, metric: str = "js_of
 # Peak memory
 
 
-def _read_status_kib(field: str) -> int | None:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return None
-
-
 def _reset_hwm() -> bool:
   """Resets this process's resident-set high-water mark (Linux >= 4.0: clear_refs "5")."""
   try:
@@ -310,16 +315,16 @@ def _reset_hwm() -> bool:
       f.write("5")
   except OSError:
     return False
-  hwm, rss = _read_status_kib("VmHWM"), _read_status_kib("VmRSS")
+  hwm, rss = read_status_kib("VmHWM"), read_status_kib("VmRSS")
   # After a reset the mark is the current RSS (plus what was touched since): never far above it.
   return hwm is not None and rss is not None and hwm <= rss + 64 * 1024
 
 
 def _current_rss_bytes() -> int:
-  rss = _read_status_kib("VmRSS")
+  rss = read_status_kib("VmRSS")
   if rss is not None:
     return rss * 1024
-  import psutil
+  import psutil  # lazy: the fallback where /proc is missing; not a declared dependency
   return int(psutil.Process().memory_info().rss)
 
 
@@ -379,12 +384,12 @@ class PeakMemory:
       self._thread.join()
       self.host_peak_bytes = max(self._sampled_peak, _current_rss_bytes())
     else:
-      self.host_peak_bytes = (_read_status_kib("VmHWM") or 0) * 1024
+      self.host_peak_bytes = (read_status_kib("VmHWM") or 0) * 1024
     if "torch" in sys.modules and torch.cuda.is_available():
       self.torch_cuda_peak_bytes = [int(torch.cuda.max_memory_allocated(d))
                                     for d in range(torch.cuda.device_count())]
     if "jax" in sys.modules:
-      import jax
+      import jax  # lazy: only in a process that already uses JAX (this one may be torch only)
       peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
       self.jax_peak_bytes = [int(p) for p in peaks if p is not None] or None
     return False
@@ -405,7 +410,7 @@ class PeakMemory:
 
 
 def _tiny_model(num_layers: int = 3, seed: int = 0):
-  from transformers import LlamaConfig, LlamaForCausalLM
+  from transformers import LlamaConfig, LlamaForCausalLM  # lazy: slow import, demo only
   torch.manual_seed(seed)
   cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

@@ -1,10 +1,10 @@
 """Plain references for the scorer and search tests, written independently of the scorer.
 
 Everything here is the slow, obvious computation: one full forward pass of the model per
-candidate with the keep mask (`finercut_jax.model.modules.forward`), logits materialized, the divergence
-computed in float64 with numpy straight from the formulas of DESIGN.md section 2 (and the metric
-list of `divergence.py`'s docstring), and a greedy loop that scores every remaining candidate and
-removes the argmin (ties: lowest sublayer id).
+candidate with the keep mask (`finercut_jax.model.modules.forward`), logits materialized, the
+divergence computed in float64 with numpy straight from each metric's definition (the list in
+`scoring/divergence.py`'s docstring, written out again in `divergence` below), and a greedy loop
+that scores every remaining candidate and removes the argmin (ties: lowest sublayer id).
 
 The tiny model: 6 blocks (12 sublayers, so the prefix-reuse accounting of test 4 can reach its
 bound), GQA with 8 query and 4 KV heads of head_dim 4, hidden 16, FFN 32, vocab 64. Every
@@ -14,13 +14,14 @@ O(1e-4..10) by metric (js_official, averaged over the vocabulary too, is the sma
 above float32 rounding relative to each metric's scale, and the greedy steps have clear winners.
 Norm weights are 1 + 0.1*normal, so that a norm weight not applied shows. `TINY_MOE` is the same
 model with Mixtral's FFN: top-2 of 4 experts of width 32. The weights are drawn
-with numpy, not `init_params`: on CPU, XLA takes seconds to compile `jax.random.normal` for each
+with numpy, not `jax.random`: on CPU, XLA takes seconds to compile `jax.random.normal` for each
 new shape.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ import numpy as np
 
 from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.model.modules import Llama, forward, param_shapes
+from finercut_jax.parallel.sharding import make_mesh
+from finercut_jax.scoring.scorer import Scorer
+from finercut_jax.search.greedy import SearchSpec, greedy_search
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=6, num_heads=8,
                    num_kv_heads=4, head_dim=4, rope_theta=10000.0, tie_embeddings=False)
@@ -116,7 +120,9 @@ def reference_scores(metric, params, cfg, tokens, keep, candidates) -> np.ndarra
 
 
 def pool(kind: str, num_layers: int) -> list[tuple[int, ...]]:
-  """Candidate pools as tuples of sublayer ids, written from DESIGN.md section 2."""
+  """Candidate pools as tuples of sublayer ids (sublayer 2b is block b's attention, 2b+1 its FFN):
+  `sublayers` every sublayer, `attn` / `ffn` those of one kind, `blocks` both sublayers of a block
+  as one candidate."""
   if kind == "blocks":
     return [(2 * b, 2 * b + 1) for b in range(num_layers)]
   kinds = {"sublayers": (0, 1), "attn": (0,), "ffn": (1,)}[kind]
@@ -192,7 +198,6 @@ def abstract_params(params):
 
 def params_digest(params, tokens) -> str:
   """A hash of the model and tokens, so that two processes can check they built the same ones."""
-  import hashlib
   h = hashlib.sha256(np.asarray(tokens).tobytes())
   for leaf in jax.tree.leaves(params):
     h.update(np.asarray(leaf).tobytes())
@@ -206,19 +211,24 @@ def shared_scorer(metric: str, family: str = "llama"):
   Compiling a scorer's programs dominates these tests' time on a CPU. Sharing also tests that a
   scorer stays exact whatever it scored before (its caches are reused across calls and searches).
   """
-  from finercut_jax.scoring.scorer import Scorer
-  from finercut_jax.parallel.sharding import make_mesh
   cfg, params, tokens = tiny_model(family=family)
-  return Scorer(Llama.from_params(cfg, params), tokens, metric=metric, chunk_width=1, position_block=POSITION_BLOCK,
-                mesh=make_mesh(1, 1), max_candidates=2 * cfg.num_layers)
+  return Scorer(Llama.from_params(cfg, params), tokens, metric=metric, chunk_width=1,
+                position_block=POSITION_BLOCK, mesh=make_mesh(1, 1),
+                max_candidates=2 * cfg.num_layers)
+
+
+def as_json(steps) -> list[dict]:
+  """Removal steps (`rundir.RemovalStep`) as the JSON objects a search state file holds: what
+  the tests check is that contract."""
+  return [s.to_json() for s in steps]
 
 
 @functools.lru_cache(maxsize=None)
 def shared_search(metric: str = "js", family: str = "llama"):
-  """The full greedy ordering of the tiny model by the shared scorer (a list of step records)."""
-  from finercut_jax.search.greedy import SearchSpec, greedy_search
+  """The full greedy ordering of the tiny model by the shared scorer (step records as JSON)."""
   cfg = tiny_model(family=family)[0]
-  return tuple(greedy_search(shared_scorer(metric, family), SearchSpec(num_layers=cfg.num_layers)))
+  return tuple(as_json(greedy_search(shared_scorer(metric, family),
+                                     SearchSpec(num_layers=cfg.num_layers))))
 
 
 @functools.lru_cache(maxsize=None)

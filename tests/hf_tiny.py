@@ -7,6 +7,10 @@ import gguf
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import finercut_jax
 
 # family -> (transformers config class, model class)
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -67,7 +71,6 @@ def make_hf_model(name: str, seed: int = 0, num_layers: int = 3, **overrides):
 def saved_and_loaded(name: str, directory, batch: int, seq: int):
   """(HF torch model of tiny config `name`, the directory it is saved to, our model loaded from
   there, random tokens `[batch, seq]`)."""
-  import finercut_jax
   hf = make_hf_model(name, seed=1)
   directory = save_hf_model(hf, directory)
   model, tok = finercut_jax.load_model(directory, tokenizer=False)
@@ -116,8 +119,6 @@ WORDS = [f"w{i}" for i in range(60)]
 
 def make_tokenizer(directory):
   """A word-level tokenizer of WORDS (ids 1..60, [UNK] 0), saved beside the model."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
   vocab = {w: i for i, w in enumerate(["[UNK]"] + WORDS)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()

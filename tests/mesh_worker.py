@@ -23,10 +23,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import finercut_ref as R  # noqa: E402
 from finercut_jax.model.modules import Llama  # noqa: E402
+from finercut_jax.parallel.sharding import make_mesh  # noqa: E402
 from finercut_jax.scoring.planner import passes  # noqa: E402
 from finercut_jax.scoring.scorer import Scorer  # noqa: E402
 from finercut_jax.search.greedy import SearchSpec, greedy_search  # noqa: E402
-from finercut_jax.parallel.sharding import make_mesh  # noqa: E402
 
 
 def shared_bound() -> dict:
@@ -84,7 +84,7 @@ def main(out_path, specs):
                         mesh=make_mesh(int(cand), int(model)), backend=backend,
                         max_candidates=2 * cfg.num_layers)
         scorer = Scorer(Llama.from_params(cfg, params), tokens, **settings)
-        steps = greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers))
+        steps = R.as_json(greedy_search(scorer, SearchSpec(num_layers=cfg.num_layers)))
         # The abstract scorer (ahead-of-time sizing) must lower the same sharded programs.
         abstract_matches = None
         if backend == "jit":

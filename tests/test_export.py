@@ -1,4 +1,5 @@
-"""Exported Hugging Face checkpoints (finercut_jax.model.export_formats) against independent readers.
+"""Exported Hugging Face checkpoints (finercut_jax.model.export_formats) against independent
+readers.
 
 - Plain Llama exports are loaded by transformers' own `AutoModelForCausalLM` and compared with the
   pruned model here (tolerance 1e-4: the parity tests' float32 tolerance, see test_model.py).
@@ -19,12 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
+import safetensors.numpy
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import finercut_jax
-from finercut_jax.model import checkpoint
-from finercut_jax.model import export_formats
+from benchmarks.processes import free_port, wait_all
 from finercut_jax.evaluation.perplexity import perplexity
+from finercut_jax.model import checkpoint, export_formats
 from finercut_jax.model.export_formats import ExportError
+from finercut_jax.rundir import RunDir
 from finercut_jax.scoring.scorer import Candidate, Scorer
 from hf_tiny import edit_config, hf_logits, make_hf_model, make_tokenizer, save_hf_model
 
@@ -49,7 +55,7 @@ def source(request, tmp_path_factory):
 
 def make_run(source, keep, run_dir, ratio=0.25):
   directory, model, tokenizer = source
-  checkpoint.save_pruned(checkpoint.pruned_dir(str(run_dir), ratio), model.config,
+  checkpoint.save_pruned(RunDir(str(run_dir)).checkpoint_dir(ratio), model.config,
                          model.params(), np.asarray(keep, bool), tokenizer=tokenizer,
                          source=directory)
   return checkpoint.load_pruned(str(run_dir), ratio)[0]
@@ -77,7 +83,6 @@ def read_tensors(directory):
 
 
 def test_block_export_loads_in_transformers(source, tmp_path):
-  from transformers import AutoModelForCausalLM, AutoTokenizer
   pruned = make_run(source, BLOCKS, tmp_path / "run")
   out = str(tmp_path / "export")
   # A small shard limit: several files and an index, as a large model gets.
@@ -158,7 +163,6 @@ def vllm_expected_tensors(directory):
   `hidden_size`, `num_attention_heads`, `head_dim`, `rms_norm_eps`, `vocab_size`,
   `num_hidden_layers`, `tie_word_embeddings`, `rope_parameters`, `max_position_embeddings`.
   """
-  from transformers import AutoConfig
   config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
   assert config.architectures == ["DeciLMForCausalLM"] and config.model_type == "nemotron-nas"
   D, H, hd = config.hidden_size, config.num_attention_heads, config.head_dim
@@ -191,14 +195,13 @@ def vllm_expected_tensors(directory):
 def dense_torch_model(directory, num_layers):
   """transformers' LlamaForCausalLM of the exported architecture, holding the exported weights
   (the no-op sublayers' weights stay at their random init: their outputs are zeroed)."""
-  from safetensors.torch import load_file
-  from transformers import LlamaConfig, LlamaForCausalLM
   config = json.load(open(os.path.join(directory, "config.json")))
   fields = {k: config[k] for k in (
       "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
       "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters",
       "max_position_embeddings", "tie_word_embeddings")}
-  model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=num_layers, **fields)).eval()
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=num_layers,
+                                                                 **fields)).eval()
   missing, unexpected = model.load_state_dict(
       load_file(os.path.join(directory, "model.safetensors")), strict=False)
   assert not unexpected
@@ -240,7 +243,6 @@ def test_decilm_first_block_without_attention(source, tmp_path):
 
 
 def test_zeroed_llama_export_loads_in_transformers(source, tmp_path):
-  from transformers import AutoModelForCausalLM
   pruned = make_run(source, SUBLAYERS, tmp_path / "run")
   out = str(tmp_path / "export")
   export_formats.export_pruned(str(tmp_path / "run"), 0.25, out, fmt="llama_zeroed")
@@ -276,7 +278,6 @@ def test_bad_input_is_refused_and_nothing_is_half_written(source, tmp_path, monk
     export_formats.export_pruned(run_dir, 0.25, str(full))
   assert os.listdir(full) == ["keep.txt"]
 
-  import safetensors.numpy
   real, calls = safetensors.numpy.save_file, []
 
   def fail_second(*args, **kwargs):  # a disk that fills up after the first file
@@ -323,12 +324,11 @@ def test_cli(source, tmp_path):
 
 def test_default_model_block_export_matches_transformers(smollm2, tmp_path):
   """SmolLM2-135M (GGUF source: the config is built from the model) without two blocks."""
-  from transformers import AutoModelForCausalLM
   model, tokenizer = smollm2
   keep = np.ones((30, 2), bool)
   keep[[20, 25]] = False
   run_dir = str(tmp_path / "run")
-  checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, 0.1), model.config, model.params(), keep,
+  checkpoint.save_pruned(RunDir(run_dir).checkpoint_dir(0.1), model.config, model.params(), keep,
                          tokenizer=tokenizer, source="smollm2-135m")
   pruned = checkpoint.load_pruned(run_dir, 0.1)[0]
   out = str(tmp_path / "export")
@@ -352,7 +352,6 @@ def test_default_model_block_export_matches_transformers(smollm2, tmp_path):
 def test_multi_process_export_matches_one_process(source, tmp_path):
   """Two processes with the model axis across both (each holds half of every projection): the
   files process 0 writes are byte for byte those of a one-process export."""
-  from benchmarks.processes import free_port, wait_all
   if source[1].config.tie_embeddings:
     pytest.skip("one source is enough")
   run_dir = tmp_path / "run"

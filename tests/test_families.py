@@ -289,7 +289,7 @@ def test_export_loads_in_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral_top2"], indirect=True)
 def test_lora_on_experts_is_refused_attention_lora_works(family):
-  from finercut_jax.healing.run import add_lora, merge_lora
+  from finercut_jax.healing.lora import add_lora, merge_lora
   _, _, _, model, tokens = family
   pruned = model.prune(np.array([[1, 1], [0, 1], [1, 1]], bool))
   with pytest.raises(ValueError, match=r"gate,up,down: LoRA on a mixture's experts is not "

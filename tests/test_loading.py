@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finercut_jax
 from finercut_jax import CheckpointError, UnsupportedConfigError, load_model, load_params
@@ -294,7 +295,6 @@ def faster_transformers_gguf(monkeypatch):
 
 
 def test_default_model_matches_transformers_gguf(smollm2, faster_transformers_gguf):
-  from transformers import AutoModelForCausalLM
   model, tok = smollm2
   path = loading.resolve_default_model()
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -372,7 +372,6 @@ def test_gguf_tokenizer_matches_transformers_without_torch(tmp_path, monkeypatch
   with open(tmp_path / "tok.pkl", "rb") as f:
     ours = pickle.load(f)
 
-  from transformers import AutoTokenizer
   ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                       local_files_only=True)
   assert type(ours) is type(ref)
@@ -382,7 +381,8 @@ def test_gguf_tokenizer_matches_transformers_without_torch(tmp_path, monkeypatch
   for name in ("bos", "eos", "unk", "pad"):
     assert getattr(ours, name + "_token") == getattr(ref, name + "_token"), name
     assert getattr(ours, name + "_token_id") == getattr(ref, name + "_token_id"), name
-  assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id, ours.pad_token_id) == (1, 2, 0, 2)
+  assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id,
+          ours.pad_token_id) == (1, 2, 0, 2)
   assert ours.add_bos_token == ref.add_bos_token
   assert ours.added_tokens_decoder == ref.added_tokens_decoder
   assert ours.all_special_ids == ref.all_special_ids

@@ -6,6 +6,7 @@ on the two sides gives differences of ~1e-6..2e-5 (measured); 1e-4 leaves a safe
 real mismatch (a RoPE frequency, a norm weight not applied, a wrong GQA head mapping, a mask
 misread) moves logits by 1e-2 or more.
 """
+import functools
 import os
 
 import jax
@@ -13,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 import finercut_jax
 from finercut_jax.model.modules import forward
+from finercut_jax.parallel import sharding
 from hf_tiny import TINY_CONFIGS, hf_logits, saved_and_loaded
 
 ATOL = 1e-4
@@ -182,8 +186,6 @@ def test_calls_do_not_recompile(tiny):
 def test_partition_specs_come_from_the_model():
   """Each parameter's logical axes live on the parameter; the mesh rules turn them into specs,
   keeping heads whole where the model axis does not divide them."""
-  from jax.sharding import AbstractMesh, PartitionSpec as P
-  from finercut_jax.parallel import sharding
   cfg = finercut_jax.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12,
                                  num_layers=2, num_heads=4, num_kv_heads=1, head_dim=2)
   model = nnx.eval_shape(lambda: finercut_jax.Llama(cfg))
@@ -196,6 +198,31 @@ def test_partition_specs_come_from_the_model():
   assert layers["attn"]["k_proj"]["kernel"].spec == P(None, None, None)  # 1 KV head: whole
   assert layers["mlp"]["down_proj"]["kernel"].spec == P(None, "model", None)
   assert specs["embed"]["embedding"].spec == P("model", None)
-  # The loader places checkpoint-layout tensors by the same axes.
+  # The loader places checkpoint-layout tensors by the same axes: every name as its variable.
   fn = sharding.param_sharding_fn(mesh, cfg)
   assert fn("wq", (2, 8, 8)).spec == P(None, None, "model")
+  shapes = finercut_jax.model.modules.param_shapes(cfg)
+  shapes = {**shapes.pop("layers"), **shapes}
+  paths = finercut_jax.model.modules.layout_paths(cfg)
+  assert set(paths) == set(shapes)
+  for name, (_, path) in paths.items():
+    want = functools.reduce(lambda node, key: node[key], path, specs)
+    assert fn(name, shapes[name]) == want, name
+
+
+def test_shapes_are_the_modules():
+  """`param_shapes` reads the checkpoint layout's shapes off the modules, for every family's
+  parts (biases, experts, tied embeddings), and a model round-trips through that layout."""
+  for extra in ({}, {"qkv_bias": True, "tie_embeddings": True},
+                {"num_experts": 3, "num_experts_per_tok": 2}):
+    cfg = finercut_jax.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12,
+                                   num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, **extra)
+    model = nnx.eval_shape(lambda: finercut_jax.Llama(cfg))
+    params = model.params()
+    assert jax.tree.map(lambda x: tuple(x.shape), params) == (
+        finercut_jax.model.modules.param_shapes(cfg))
+    assert set(params["layers"]) == set(sum(finercut_jax.model.modules.sublayer_param_names(cfg),
+                                            ()))
+    assert ("lm_head" in params) == (not cfg.tie_embeddings)
+    again = finercut_jax.Llama.from_params(cfg, params)
+    assert jax.tree.structure(nnx.state(again)) == jax.tree.structure(nnx.state(model))

@@ -19,8 +19,9 @@ import pytest
 
 import finercut_ref as R
 from finercut_jax.model.modules import Llama
-from finercut_jax.scoring.scorer import Candidate, Scorer
 from finercut_jax.parallel.sharding import make_mesh
+from finercut_jax.scoring.scorer import Candidate, Scorer
+from finercut_jax.search.greedy import SearchSpec, greedy_search
 
 RTOL = 1e-5
 L = R.TINY.num_layers
@@ -96,7 +97,6 @@ def test_mixtral_scores_match_reference():
 def test_state_memory_budget(states):
   """A budget for 3 kept states per candidate slot coarsens them to every 4th boundary (of 12);
   a budget of 0 keeps none. Either way the greedy ordering and scores stay exact."""
-  from finercut_jax.search.greedy import SearchSpec, greedy_search
   cfg, params, tokens = R.tiny_model()
   one_state = tokens.size * cfg.hidden_size * 4  # float32 N*T*D
   scorer = Scorer(Llama.from_params(cfg, params), tokens, metric="js", position_block=R.POSITION_BLOCK,
@@ -104,7 +104,7 @@ def test_state_memory_budget(states):
   assert scorer.num_states == states and scorer.states.nbytes == states * one_state * 2 * L
   if states:
     assert scorer.state_every == 4
-  steps = greedy_search(scorer, SearchSpec(num_layers=L, num_steps=4))
+  steps = R.as_json(greedy_search(scorer, SearchSpec(num_layers=L, num_steps=4)))
   first_steps = tuple(x[:4] for x in R.shared_reference_greedy("js"))
   R.check_search(steps, first_steps, RTOL, f"{states} states")
 

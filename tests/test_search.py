@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
-from finercut_jax.scoring.scorer import Candidate
+from finercut_jax.scoring.scorer import Candidate, StepStats
 from finercut_jax.search.greedy import (SearchSpec, SearchStateError, greedy_search, keep_mask,
-                                 steps_needed)
+                                        steps_needed)
 
 RTOL = 1e-5
 L = R.TINY.num_layers
@@ -27,7 +27,7 @@ def check_margins(reference):
 @pytest.mark.parametrize("metric", ["js", "kl"])
 def test_greedy_ordering_matches_reference(metric):
   records = (R.shared_search(metric) if metric == "js" else
-             greedy_search(R.shared_scorer(metric), SearchSpec(num_layers=L)))
+             R.as_json(greedy_search(R.shared_scorer(metric), SearchSpec(num_layers=L))))
   reference = R.shared_reference_greedy(metric)
   check_margins(reference)
   R.check_search(records, reference, RTOL, metric)
@@ -51,7 +51,7 @@ def test_step_count_and_masks():
   for bad in (0.0, 1.0, 1.5, -0.1):
     with pytest.raises(ValueError, match="ratio"):
       steps_needed(bad, L, "sublayers")
-  records = greedy_search(R.shared_scorer("js"), SearchSpec(num_layers=L, num_steps=3))
+  records = R.as_json(greedy_search(R.shared_scorer("js"), SearchSpec(num_layers=L, num_steps=3)))
   assert [r["sublayers"] for r in records] == [r["sublayers"] for r in R.shared_search("js")[:3]]
   keep = keep_mask(L, [r["sublayers"] for r in records])
   assert keep.shape == (L, 2) and keep.sum() == 2 * L - 3
@@ -83,7 +83,7 @@ def test_resume_after_interrupt(tmp_path):
   stop_after = 5
 
   def interrupt(record):
-    if record["step"] == stop_after - 1:
+    if record.step == stop_after - 1:
       raise Interrupt
 
   with pytest.raises(Interrupt):
@@ -92,8 +92,9 @@ def test_resume_after_interrupt(tmp_path):
   assert len(saved["steps"]) == stop_after  # each step is on disk before it is reported
 
   reported = []
-  records = greedy_search(scorer, spec, state_path=str(state), fingerprint=fingerprint,
-                          on_step=reported.append)
+  records = R.as_json(greedy_search(scorer, spec, state_path=str(state),
+                                    fingerprint=fingerprint, on_step=reported.append))
+  reported = R.as_json(reported)
   assert [r["step"] for r in reported] == list(range(2 * L))  # resumed steps reported again
   assert records[:stop_after] == saved["steps"]  # resumed, not recomputed
   full = R.shared_search("js")  # uninterrupted, same scorer settings
@@ -109,7 +110,8 @@ def test_resume_after_interrupt(tmp_path):
       if name.startswith("score"):
         raise AssertionError(f"scorer.{name} used by a finished search")
       return getattr(scorer, name)
-  assert greedy_search(NoScoring(), spec, state_path=str(state), fingerprint=fingerprint) == records
+  assert R.as_json(greedy_search(NoScoring(), spec, state_path=str(state),
+                                 fingerprint=fingerprint)) == records
 
 
 def test_state_of_another_search_is_refused(tmp_path):
@@ -133,7 +135,7 @@ def test_state_of_another_search_is_refused(tmp_path):
 
 @pytest.mark.parametrize("pool", ["attn", "ffn", "blocks"])
 def test_pools(pool):
-  records = greedy_search(R.shared_scorer("js"), SearchSpec(num_layers=L, pool=pool))
+  records = R.as_json(greedy_search(R.shared_scorer("js"), SearchSpec(num_layers=L, pool=pool)))
   reference = R.shared_reference_greedy("js", pool)
   check_margins(reference)
   R.check_search(records, reference, RTOL, pool)
@@ -154,7 +156,8 @@ def test_protect_front():
   # removals; the unprotected search removes sublayer 4 (block 2) at step 5, so protection
   # changes the ordering (checked below, so that this test can fail).
   x = 0.45
-  records = greedy_search(R.shared_scorer("js"), SearchSpec(num_layers=L, protect_front=x))
+  records = R.as_json(greedy_search(R.shared_scorer("js"),
+                                    SearchSpec(num_layers=L, protect_front=x)))
   reference = R.shared_reference_greedy("js", protect_front=x)
   check_margins(reference)
   R.check_search(records, reference, RTOL, "protect_front")
@@ -170,7 +173,7 @@ def test_protect_front():
 def test_one_shot():
   scorer = R.shared_scorer("js")
   k = 5
-  records = greedy_search(scorer, SearchSpec(num_layers=L, one_shot=True, num_steps=k))
+  records = R.as_json(greedy_search(scorer, SearchSpec(num_layers=L, one_shot=True, num_steps=k)))
   pool = [Candidate(s, s + 1) for s in range(2 * L)]
   scores, _ = scorer.score(np.ones((L, 2), bool), pool)
   order = sorted(range(2 * L), key=lambda i: (scores[i], i))[:k]
@@ -187,7 +190,6 @@ class _TiedScorer:
   """Every candidate scores exactly the same: only the tie order decides."""
 
   def score_step(self, keep, candidates, bound=True):
-    from finercut_jax.scoring.scorer import StepStats
     return (np.ones(len(candidates)), np.ones(len(candidates), bool),
             StepStats(evaluations=0, naive_evaluations=1, seconds=0.0, flops=0.0))
 
@@ -196,10 +198,9 @@ class _TiedScorer:
 def test_exact_ties_follow_the_tie_break(tie_break):
   """Ties go to the lowest sublayer id, or, as the official code, to the first module name in
   `sorted()` order (its candidate list; `benchmarks.official_baseline` mirrors it)."""
-  from benchmarks.official_baseline import official_candidate_order
-  from finercut_jax.search.greedy import SearchSpec, greedy_search
+  from benchmarks.official_baseline import official_candidate_order  # lazy: imports torch
   spec = SearchSpec(num_layers=12, num_steps=24, tie_break=tie_break)
-  records = greedy_search(_TiedScorer(), spec)
+  records = R.as_json(greedy_search(_TiedScorer(), spec))
   remaining, want = list(range(24)), []
   for _ in range(24):
     pick = (official_candidate_order(remaining) if tie_break == "module_name"

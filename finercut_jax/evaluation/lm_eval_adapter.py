@@ -12,8 +12,8 @@ is greedy decoding with the KV cache (sampling is refused rather than silently i
 """
 from __future__ import annotations
 
-from lm_eval.api.model import TemplateLM
 from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 

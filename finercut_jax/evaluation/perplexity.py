@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finercut_jax.parallel import distributed
+from finercut_jax.data.text import token_stream
 from finercut_jax.evaluation.lm import EvalModel
+from finercut_jax.parallel import distributed
 
 
 class HeldOutError(ValueError):
@@ -29,8 +30,9 @@ def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int, *,
 
   With `calibration` (a run's calibration tokens), the stream is checked to start with exactly
   them, so the held-out text provably follows the calibration text.
+
+  calibration: int [N, T] (or any shape of N*T ids). Returns int32 [<= num_tokens].
   """
-  from finercut_jax.data.text import token_stream
   stream = token_stream(tokenizer, source)
   if calibration is not None:
     calibration = np.asarray(calibration).reshape(-1)
@@ -48,7 +50,10 @@ def heldout_tokens(tokenizer, source: str, offset: int, num_tokens: int, *,
 
 @functools.partial(jax.jit, static_argnums=0)
 def window_nll(graphdef, state, windows):
-  """Summed next-token NLL of each window `[B, T]` over its T-1 predictions, float32 `[B]`."""
+  """Summed next-token NLL of each window `[B, T]` over its T-1 predictions, float32 `[B]`.
+
+  windows: int32 [B, T]. Returns float32 [B].
+  """
   model = nnx.merge(graphdef, state)
   logp = jax.nn.log_softmax(model.logits(model.hidden(windows)[:, :-1]), axis=-1)
   tgt = jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
@@ -59,6 +64,8 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int = 4) -> 
   """Perplexity of `model` on 1-D `tokens` cut into non-overlapping windows of `seq_len`.
 
   A tail shorter than a window is dropped (every prediction then has the same context budget).
+
+  tokens: int [n] (any shape is flattened).
   """
   model = EvalModel.wrap(model)
   tokens = np.asarray(tokens, np.int32).reshape(-1)

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.evaluation import decode
 from finercut_jax.evaluation.lm import EvalModel
+from finercut_jax.model.architecture import LlamaConfig
 
 
 def attended_keys(cfg: LlamaConfig, start: int, stop: int) -> float:
@@ -36,7 +36,10 @@ def attended_keys(cfg: LlamaConfig, start: int, stop: int) -> float:
 
 def flops_per_token(cfg: LlamaConfig, keep, context: float) -> dict:
   """Forward FLOPs per token of the model `keep` `[L, 2]` at `context` attended keys (on average:
-  `attended_keys`)."""
+  `attended_keys`).
+
+  keep: bool [L, 2]. Returns {"total", "attn", "ffn", "lm_head"} FLOPs per token.
+  """
   keep = np.asarray(keep, bool)
   D, V = cfg.hidden_size, cfg.vocab_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -81,7 +84,10 @@ class _Timer:
 def compare(models: dict, *, batch_size: int = 1, prompt_len: int = 128, decode_steps: int = 32,
             repeats: int = 3, seed: int = 0, tokens: np.ndarray | None = None) -> dict:
   """`measure` for several models on the same prompts, their repeats interleaved (a model is
-  never timed in one burst while another sees different machine load)."""
+  never timed in one burst while another sees different machine load).
+
+  tokens: int [batch_size, prompt_len] (None: random ids from `seed`).
+  """
   models = {k: EvalModel.wrap(m) for k, m in models.items()}
   if tokens is None:
     vocab = min(m.cfg.vocab_size for m in models.values())
@@ -96,7 +102,10 @@ def compare(models: dict, *, batch_size: int = 1, prompt_len: int = 128, decode_
 
 def measure(model, *, batch_size: int = 1, prompt_len: int = 128, decode_steps: int = 32,
             repeats: int = 3, seed: int = 0, tokens: np.ndarray | None = None) -> dict:
-  """Parameters, FLOPs per token and measured prefill / decode tokens per second."""
+  """Parameters, FLOPs per token and measured prefill / decode tokens per second.
+
+  tokens: int [batch_size, prompt_len] (None: random ids from `seed`).
+  """
   return compare({"model": model}, batch_size=batch_size, prompt_len=prompt_len,
                  decode_steps=decode_steps, repeats=repeats, seed=seed, tokens=tokens)["model"]
 

@@ -99,7 +99,8 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-    """Builds the config from a Hugging Face `config.json` dict, refusing what is not implemented."""
+    """Builds the config from a Hugging Face `config.json` dict, refusing what is not
+    implemented."""
 
     def refuse(field, value, why):
       raise UnsupportedConfigError(
@@ -122,7 +123,8 @@ class LlamaConfig:
       experts = int(hf.get("num_local_experts", 8))
       per_token = int(hf.get("num_experts_per_tok", 2))
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
-      refuse("partial_rotary_factor", hf["partial_rotary_factor"], "partial rotary is not implemented")
+      refuse("partial_rotary_factor", hf["partial_rotary_factor"],
+             "partial rotary is not implemented")
 
     # transformers >= 5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.
     rope = dict(hf.get("rope_parameters") or {})
@@ -248,7 +250,8 @@ def decilm_intermediate_size(ffn: Mapping[str, Any], hidden_size: int) -> int:
 
 def decilm_blocks(hf: Mapping[str, Any], source: str = "config.json"
                   ) -> tuple[int, int, np.ndarray]:
-  """`(num_kv_heads, intermediate_size, present [L, 2])` of a DeciLM (`nemotron-nas`) config.
+  """`(num_kv_heads, intermediate_size, present)` of a DeciLM (`nemotron-nas`) config; present is
+  bool `[L, 2]`.
 
   Each block's `attention.no_op` / `ffn.no_op` removes that sublayer. The kept sublayers must all
   have the same shape (one `n_heads_in_group`, one FFN width): the model stacks them, so NVIDIA's

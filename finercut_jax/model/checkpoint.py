@@ -1,6 +1,7 @@
-"""Pruned-model checkpoints: Orbax parameters with removed sublayers dropped, plus what rebuilds them.
+"""Pruned-model checkpoints: Orbax parameters with removed sublayers dropped, plus what rebuilds
+them.
 
-A checkpoint directory `run_dir/pruned/ratio_<r>/` holds
+A checkpoint directory (a run's `rundir.RunDir.checkpoint_dir(ratio)`) holds
   params/      Orbax checkpoint of the pruned parameter pytree (empty stacks omitted: Orbax cannot
                store zero-size arrays; they are rebuilt from the config)
   model.json   the model config, the keep mask `[L, 2]`, the dtype and the source checkpoint
@@ -14,6 +15,7 @@ A save whose checkpoint already exists with the same contents is skipped.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -22,23 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-from finercut_jax.parallel import distributed
 from finercut_jax.model.architecture import LlamaConfig
+from finercut_jax.model.loading import load_config, load_model
+from finercut_jax.model.modules import (Llama, Params, param_shapes, prune_params,
+                                        sublayer_param_names)
+from finercut_jax.parallel import distributed
+from finercut_jax.parallel.sharding import param_sharding_fn, shard_state
+from finercut_jax.rundir import RunDir
 from finercut_jax.rundir.atomic import atomic_write_json, read_json
-from finercut_jax.model.modules import (Llama, Params, param_shapes, sublayer_param_names,
-                                prune_params)
 
 
-def ratio_name(ratio: float) -> str:
-  return f"ratio_{ratio:g}"
-
-
-def pruned_dir(run_dir: str, ratio: float) -> str:
-  return os.path.join(run_dir, "pruned", ratio_name(ratio))
-
-
-def _read_meta(directory: str) -> dict | None:
+def read_meta(directory: str) -> dict | None:
+  """A checkpoint's model.json (config, keep mask, dtype, source, and what healing adds), or
+  None where the checkpoint is incomplete or absent."""
   return read_json(os.path.join(directory, "model.json"))
 
 
@@ -64,7 +64,7 @@ def save_model(directory: str, model: Llama, *, tokenizer=None, source: str | No
 
   def unchanged() -> bool:
     _remove_leftovers(directory)
-    return _read_meta(directory) == meta
+    return read_meta(directory) == meta
   # Process 0 decides for everyone, so that all make the same Orbax calls.
   if distributed.on_primary(unchanged):
     return directory
@@ -97,7 +97,6 @@ def save_model(directory: str, model: Llama, *, tokenizer=None, source: str | No
 def _remove_leftovers(directory: str) -> None:
   """What interrupted saves left: Orbax's temporary directories beside `params`, and the
   temporary directories of this project's earlier checkpoint format beside `directory`."""
-  import glob
   parent = os.path.dirname(directory)
   for path in (glob.glob(os.path.join(directory, "params.orbax-checkpoint-tmp*")) +
                glob.glob(os.path.join(parent, ".tmp-" + os.path.basename(directory) + "*"))):
@@ -105,28 +104,25 @@ def _remove_leftovers(directory: str) -> None:
 
 
 def _abstract_pruned(cfg: LlamaConfig, keep: np.ndarray, dtype, mesh) -> Params:
-  """The stored pytree's shapes, dtypes and shardings (on `mesh` by the sharding rules, else on
-  this process's first device): Orbax restores straight into them."""
-  from finercut_jax.parallel.sharding import shard_params
-  shapes = param_shapes(cfg)
-  layers = shapes.pop("layers")
-  tree = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
-  attn_names, ffn_names = sublayer_param_names(cfg)
-  for group, names, count in (("attn", attn_names, int(keep[:, 0].sum())),
-                              ("ffn", ffn_names, int(keep[:, 1].sum()))):
-    if count:
-      tree[group] = {n: jax.ShapeDtypeStruct((count,) + layers[n][1:], dtype) for n in names}
+  """The stored pytree's shapes, dtypes and shardings (on `mesh` by the model's logical axes, else
+  on this process's first device), read off an abstract model of the kept sublayers: Orbax
+  restores straight into them."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, present=keep, param_dtype=dtype)))
   if mesh is not None:
-    return shard_params(tree, mesh, cfg)
-  single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), tree)
+    state = shard_state(state, mesh, cfg)
+  else:
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), state)
+  tree = prune_params(nnx.merge(graphdef, state).params(), keep, keep)  # the pruned layout
+  return {k: v for k, v in tree.items()  # empty stacks are not stored
+          if k not in ("attn", "ffn") or next(iter(v.values())).shape[0]}
 
 
 def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, object]:
   """`(Llama holding the kept sublayers, tokenizer or None)` from a checkpoint directory written
   by `save_pruned`; with `mesh`, the parameters are restored straight onto it, sharded by the
   sharding rules."""
-  meta = _read_meta(directory)
+  meta = read_meta(directory)
   if meta is None:
     raise FileNotFoundError(f"{os.path.join(directory, 'model.json')} is missing: {directory} is "
                             f"not a complete pruned checkpoint")
@@ -144,7 +140,7 @@ def restore_pruned(directory: str, *, dtype=None, mesh=None) -> tuple[Llama, obj
   tokenizer = None
   tok_dir = os.path.join(directory, "tokenizer")
   if os.path.isdir(tok_dir):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: importing transformers takes ~0.5 s
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
   return Llama.from_params(cfg, params, present=keep, dtype=dtype), tokenizer
 
@@ -153,27 +149,23 @@ def load_pruned(run_dir: str, ratio: float, *, healed: bool = False, dtype=None,
                 ) -> tuple[Llama, object]:
   """The pruned model of a search run at `ratio` (healed: after `finercut_jax.heal`), and its
   tokenizer."""
-  group = "healed" if healed else "pruned"
-  directory = os.path.join(run_dir, group, ratio_name(ratio))
+  run = RunDir(run_dir)
+  directory = run.checkpoint_dir(ratio, healed=healed)
   if not os.path.isdir(directory):
-    available = sorted(os.listdir(os.path.join(run_dir, group))) if os.path.isdir(
-        os.path.join(run_dir, group)) else []
+    group = os.path.basename(run.checkpoint_group(healed=healed))
     raise FileNotFoundError(f"{directory}: no {group} checkpoint for ratio {ratio:g} "
-                            f"(available: {available or 'none'})")
+                            f"(available: {run.checkpoint_names(healed=healed) or 'none'})")
   return restore_pruned(directory, dtype=dtype, mesh=mesh)
 
 
 def load_source_model(run_dir: str, *, dtype=None, mesh=None, run_config: dict | None = None):
   """The dense model a run pruned, and its tokenizer, from the run's resolved config; with
   `mesh`, loaded straight onto it (each process reads only its own shards)."""
-  from finercut_jax.model.loading import load_model
-  from finercut_jax.parallel.sharding import param_sharding_fn
   if run_config is None:
-    run_config = read_json(os.path.join(run_dir, "config.json"), missing_ok=False)
+    run_config = RunDir(run_dir).read_config()
   dtype = dtype or jnp.dtype(run_config["model"]["dtype"])
   path = run_config["model"]["path"]
   sharding_fn = None
   if mesh is not None:
-    from finercut_jax.model.loading import load_config
     sharding_fn = param_sharding_fn(mesh, load_config(path))
   return load_model(path, dtype, sharding_fn=sharding_fn)

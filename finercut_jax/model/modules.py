@@ -19,9 +19,19 @@ Every forward pass (the model's call, the scorer's per-sublayer programs, evalua
 decoding) runs one sublayer at a time out of the stacks, inside one `lax.scan`/`fori_loop` body,
 so an 80-layer model compiles as fast as a 2-layer one.
 
+The modules are the one runtime representation of the parameters and declare every shape.
 Parameters carry their logical axes (`out_sharding` metadata, e.g. `("layers", "embed",
-"q_heads")`); `parallel/sharding.py` maps them onto a mesh. `Llama.params()` / `Llama.from_params` convert to
-and from the checkpoint layout (`Params`) that loading and the pruned checkpoints use:
+"q_heads")`); `parallel/sharding.py` places them on a mesh by those axes (`shard_state`).
+
+The checkpoint layout (`Params`: named arrays) lives at the edges: loading (model/loading.py
+reads Hugging Face and GGUF tensors into it, each placed by its name's logical axes), the pruned
+checkpoints (model/checkpoint.py stores it) and export (model/export_formats.py writes it out).
+Its names are declared once, in the tables `_TOP_PATHS`, `_ATTN_PATHS`, `_MLP_PATHS` and
+`_MOE_PATHS` below (name -> the variable it is in a `Llama`); `Llama.from_params` and
+`Llama.params()` convert through them, and `param_shapes` / `logical_axes` read each name's
+shape and axes off the modules. Beyond the edges, `forward(params, ...)` and `Llama.from_params`
+take the layout as a public entry point for code holding loaded weights, and `Llama.prune` slices
+the layout's stacks (`prune_params`). For L blocks:
   embed       [V, D]
   layers/attn_norm [L, D], wq [L, D, H*hd], wk [L, D, KV*hd], wv [L, D, KV*hd], wo [L, H*hd, D]
          (Qwen2 adds bq [L, H*hd], bk [L, KV*hd], bv [L, KV*hd])
@@ -48,78 +58,80 @@ from finercut_jax.model.architecture import LlamaConfig
 
 Params = dict[str, Any]
 ATTN, FFN = 0, 1
-# Every name an attention / FFN sublayer may hold in the checkpoint layout (a config holds a subset:
-# `sublayer_param_names`).
-ATTN_PARAM_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv")
-FFN_PARAM_NAMES = ("ffn_norm", "router", "w_gate", "w_up", "w_down")
 INIT_STD = 0.02
 
+# The checkpoint layout's names, declared once: each name -> the path of its variable in a
+# `Llama` (`_TOP_PATHS`) or in one module of a sublayer stack (`DecoderStack.attn`: `Attention`;
+# `DecoderStack.mlp`: `MLP`, or `MoE` for a mixture). A config holds a subset (`layout_paths`):
+# the biases with `qkv_bias` only, `lm_head` only when the embeddings are not tied.
+_TOP_PATHS = {"embed": ("embed", "embedding"), "final_norm": ("final_norm", "weight"),
+              "lm_head": ("lm_head", "kernel")}
+_ATTN_PATHS = {"attn_norm": ("norm", "weight"), "wq": ("q_proj", "kernel"),
+               "wk": ("k_proj", "kernel"), "wv": ("v_proj", "kernel"), "wo": ("o_proj", "kernel"),
+               "bq": ("q_proj", "bias"), "bk": ("k_proj", "bias"), "bv": ("v_proj", "bias")}
+_QKV_BIAS_NAMES = ("bq", "bk", "bv")
+_MLP_PATHS = {"ffn_norm": ("norm", "weight"), "w_gate": ("gate_proj", "kernel"),
+              "w_up": ("up_proj", "kernel"), "w_down": ("down_proj", "kernel")}
+_MOE_PATHS = {"ffn_norm": ("norm", "weight"), "router": ("router", "kernel"),
+              "w_gate": ("experts", "gate"), "w_up": ("experts", "up"),
+              "w_down": ("experts", "down")}
+# Every name an attention / FFN sublayer may hold (a config holds a subset:
+# `sublayer_param_names`).
+ATTN_PARAM_NAMES = tuple(_ATTN_PATHS)
+FFN_PARAM_NAMES = tuple(dict.fromkeys([*_MOE_PATHS, *_MLP_PATHS]))
+# The group of a sublayer's parameters in the checkpoint layout -> its stack in `DecoderStack`.
+_STACKS = {"attn": "attn", "ffn": "mlp"}
 
-def _attn_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
-  """Checkpoint-layout name -> path of the variable inside `Attention`."""
-  paths = {"attn_norm": ("norm", "weight"), "wq": ("q_proj", "kernel"),
-           "wk": ("k_proj", "kernel"), "wv": ("v_proj", "kernel"), "wo": ("o_proj", "kernel")}
-  if cfg.qkv_bias:
-    paths.update(bq=("q_proj", "bias"), bk=("k_proj", "bias"), bv=("v_proj", "bias"))
-  return paths
 
-
-def _ffn_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
-  """Checkpoint-layout name -> path of the variable inside `MLP` (or `MoE`)."""
-  if cfg.is_moe:
-    return {"ffn_norm": ("norm", "weight"), "router": ("router", "kernel"),
-            "w_gate": ("experts", "gate"), "w_up": ("experts", "up"),
-            "w_down": ("experts", "down")}
-  return {"ffn_norm": ("norm", "weight"), "w_gate": ("gate_proj", "kernel"),
-          "w_up": ("up_proj", "kernel"), "w_down": ("down_proj", "kernel")}
+def layout_paths(cfg: LlamaConfig) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+  """Each checkpoint-layout name of `cfg`'s model -> `(group, path)`: group None for a top-level
+  parameter, "attn" or "ffn" for a sublayer's (stacked, in the layout, under `layers`, or under
+  `attn` / `ffn` for a pruned model); path, that of its variable in a `Llama`'s state."""
+  out = {name: (None, path) for name, path in _TOP_PATHS.items()
+         if name != "lm_head" or not cfg.tie_embeddings}
+  attn = {k: p for k, p in _ATTN_PATHS.items() if cfg.qkv_bias or k not in _QKV_BIAS_NAMES}
+  for group, paths in (("attn", attn), ("ffn", _MOE_PATHS if cfg.is_moe else _MLP_PATHS)):
+    out.update({name: (group, ("layers", _STACKS[group]) + path) for name, path in paths.items()})
+  return out
 
 
 def sublayer_param_names(cfg: LlamaConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """The checkpoint-layout names of one attention sublayer's and one FFN sublayer's parameters."""
-  return tuple(_attn_paths(cfg)), tuple(_ffn_paths(cfg))
+  paths = layout_paths(cfg)
+  return tuple(tuple(k for k, (g, _) in paths.items() if g == group) for group in ("attn", "ffn"))
+
+
+def _layout_variables(cfg: LlamaConfig) -> dict[str, tuple[str | None, nnx.Variable]]:
+  """Each checkpoint-layout name -> `(group, variable)` of an abstract dense `Llama` of `cfg`
+  (`jax.ShapeDtypeStruct` values: nothing is allocated)."""
+  state = nnx.state(nnx.eval_shape(lambda: Llama(cfg)), nnx.Param)
+  return {name: (group, functools.reduce(lambda node, key: node[key], path, state))
+          for name, (group, path) in layout_paths(cfg).items()}
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
-  """Shapes of every parameter of the dense model, in the checkpoint layout."""
-  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  layers = {"attn_norm": (L, D), "wq": (L, D, q), "wk": (L, D, kv), "wv": (L, D, kv),
-            "wo": (L, q, D), "ffn_norm": (L, D)}
-  if cfg.qkv_bias:
-    layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
-  if cfg.is_moe:
-    E = cfg.num_experts
-    layers.update(router=(L, D, E), w_gate=(L, E, D, F), w_up=(L, E, D, F), w_down=(L, E, F, D))
-  else:
-    layers.update(w_gate=(L, D, F), w_up=(L, D, F), w_down=(L, F, D))
-  shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-  if not cfg.tie_embeddings:
-    shapes["lm_head"] = (D, V)
-  return shapes
+  """Shapes of every parameter of the dense model, in the checkpoint layout (a fresh dict of
+  tuples: `embed`, `final_norm`, `lm_head`, and `layers/<name>` `[L, ...]`), read off the
+  modules."""
+  out: Params = {}
+  for name, (group, var) in _layout_variables(cfg).items():
+    (out if group is None else out.setdefault("layers", {}))[name] = tuple(var.shape)
+  return out
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = INIT_STD) -> Params:
-  """Random parameters in the checkpoint layout (normal(0, std) weights, unit norms)."""
-  shapes = param_shapes(cfg)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(key, len(flat))
-  out = []
-  for k, (path, shape) in zip(keys, flat):
-    if path[-1].key in ("bq", "bk", "bv"):
-      out.append(jnp.zeros(shape, dtype))
-    elif "norm" in jax.tree_util.keystr(path):
-      out.append(jnp.ones(shape, dtype))
-    else:
-      out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-  return jax.tree.unflatten(treedef, out)
+def logical_axes(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """The logical axes of each checkpoint-layout parameter (e.g. `wq`: `("layers", "embed",
+  "q_heads")`), read off the model's own variables (their `out_sharding` metadata)."""
+  return {name: tuple(var.get_metadata()["out_sharding"])
+          for name, (_, var) in _layout_variables(cfg).items()}
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-  """Inverse frequencies, with Llama-3.1 wavelength-dependent scaling when configured."""
+  """Inverse frequencies, float32 `[head_dim / 2]`, with Llama-3.1 wavelength-dependent scaling
+  when configured."""
   hd = cfg.head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
   if cfg.rope_llama3 is None:
@@ -136,8 +148,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 def rotary(cfg: LlamaConfig, positions) -> tuple[Any, Any]:
-  """cos and sin `[..., t, head_dim]` (rotate-half layout, float32) at `positions` `[..., t]`.
-  NumPy positions (a full sequence) give compile-time constants."""
+  """cos and sin, float32 `[..., t, head_dim]` (rotate-half layout), at int `positions`
+  `[..., t]`. NumPy positions (a full sequence) give compile-time constants."""
   xp = np if isinstance(positions, np.ndarray) else jnp
   freqs = xp.asarray(positions).astype(xp.float32)[..., None] * rope_inv_freq(cfg)
   emb = xp.concatenate([freqs, freqs], axis=-1)
@@ -145,7 +157,8 @@ def rotary(cfg: LlamaConfig, positions) -> tuple[Any, Any]:
 
 
 def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
-  """x `[B, t, heads, hd]` rotated by the tables of `rotary` (`[t, hd]` or `[B, t, hd]`)."""
+  """x `[B, t, heads, hd]` rotated by the tables of `rotary` (float32 `[t, hd]` or `[B, t, hd]`);
+  returns x's dtype and shape."""
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -172,6 +185,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x `[..., dim]` normalised over its last axis; x's dtype and shape."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
@@ -183,9 +197,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions, k_positions,
   keys at positions up to its own (`q_positions` `[t]`/`[B, t]`, `k_positions` `[S]`), and with a
   `window` only the last `window` of them (its own included), as transformers' sliding window.
 
-  `segments` `[B, t]` (self-attention only) packs several sequences that share a prefix into one
-  row: a query sees the keys of its own segment and of segment 0, the shared prefix, each
-  sequence at its own positions (evaluation scores a context once for all its continuations)."""
+  Returns `[B, t, H, hd]` in q's dtype. `segments` int `[B, t]` (self-attention only) packs
+  several sequences that share a prefix into one row: a query sees the keys of its own segment
+  and of segment 0, the shared prefix, each sequence at its own positions (evaluation scores a
+  context once for all its continuations)."""
   distance = q_positions[..., :, None] - k_positions[..., None, :]  # [t, S] or [B, t, S]
   visible = distance >= 0
   if window is not None:
@@ -222,7 +237,8 @@ class Attention(nnx.Module):
     return self.o_proj(rearrange(o, "b t n d -> b t (n d)"))
 
   def __call__(self, x: jax.Array, positions, segments=None) -> jax.Array:
-    """x `[B, T, D]` at `positions` `[T]` (or `[B, T]`), causal (within `segments`, `attend`)."""
+    """The branch output `[B, T, D]` (compute dtype) of x `[B, T, D]` at int `positions` `[T]`
+    (or `[B, T]`), causal (within `segments` `[B, T]`, see `attend`)."""
     q, k, v = self._qkv(x, positions)
     return self._out(attend(q, k, v, positions, positions, self.config.head_dim ** -0.5,
                             self.config.sliding_window, segments))
@@ -253,6 +269,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear(F, D, ("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """The branch output `[..., D]` (compute dtype) of x `[..., D]`."""
     h = self.norm(x)
     return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -275,7 +292,8 @@ class Experts(nnx.Module):
     self.down = param((E, F, D), ("experts", "mlp", "embed"))
 
   def __call__(self, h: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum over experts e of `weights[..., e]` (float32) times expert e's SwiGLU of h `[..., D]`.
+    """sum over experts e of `weights[..., e]` (float32 `[..., E]`) times expert e's SwiGLU of h
+    `[..., D]`; `[..., D]` in the compute dtype.
 
     Every expert runs on every token and a token's unrouted experts get weight 0 (dense-masked
     dispatch): static shapes and no token ever dropped, so the output is transformers' (whose
@@ -320,6 +338,7 @@ class MoE(nnx.Module):
     return (top[..., None] * jax.nn.one_hot(index, probs.shape[-1])).sum(axis=-2)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """The branch output `[..., D]` of x `[..., D]`, in x's dtype."""
     h = self.norm(x)
     return self.experts(h, self.routing(h)).astype(x.dtype)
 
@@ -374,7 +393,8 @@ class DecoderStack(nnx.Module):
 
   @property
   def schedule(self) -> np.ndarray:
-    """`[n_present, 3]` int32 rows (kind, index in that kind's stack, sublayer id), in depth order."""
+    """`[n_present, 3]` int32 rows (kind, index in that kind's stack, sublayer id), in depth
+    order."""
     ids = np.flatnonzero(self.present_mask.reshape(-1))
     return np.stack([ids % 2, self.stack_index[ids], ids], axis=1).astype(np.int32)
 
@@ -407,8 +427,9 @@ class DecoderStack(nnx.Module):
                           jnp.asarray(self.stack_index)[j])
 
   def __call__(self, h: jax.Array, positions, keep=None, segments=None) -> jax.Array:
-    """Runs the present sublayers (those of them that `keep` `[L, 2]` keeps) on h `[B, T, D]`
-    (`segments`: see `attend`)."""
+    """Runs the present sublayers (those of them that bool `keep` `[L, 2]` keeps) on h
+    `[B, T, D]` at int `positions` `[T]` (or `[B, T]`; `segments` `[B, T]`: see `attend`);
+    returns `[B, T, D]`."""
     rows = self.schedule
     if len(rows) == 0:
       return h
@@ -498,10 +519,12 @@ class Llama(nnx.Module):
     return self.dtype or self.embed.embedding.dtype
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The embeddings `[B, T, D]` (compute dtype) of int32 tokens `[B, T]`."""
     return self.embed(tokens).astype(self.compute_dtype)
 
   def hidden(self, tokens: jax.Array, keep=None, *, positions=None, segments=None) -> jax.Array:
-    """The final residual stream `[B, T, D]` (before the final norm). `positions` `[B, T]` and
+    """The final residual stream `[B, T, D]` (compute dtype, before the final norm) of int32
+    tokens `[B, T]`; bool `keep` `[L, 2]` removes sublayers. `positions` `[B, T]` and
     `segments` `[B, T]` pack sequences with a shared prefix into a row (`attend`); by default
     each row is one sequence at positions 0..T-1."""
     if positions is None:
@@ -509,8 +532,9 @@ class Llama(nnx.Module):
     return self.layers(self.embed_tokens(tokens), positions, keep, segments)
 
   def residual_streams(self, tokens: jax.Array) -> jax.Array:
-    """The residual stream at every sublayer boundary, `[n_present + 1, B, T, D]`
-    (`DecoderStack.streams`): what similarity-based pruning methods measure."""
+    """The residual stream of int32 tokens `[B, T]` at every sublayer boundary,
+    `[n_present + 1, B, T, D]` in the compute dtype (`DecoderStack.streams`): what
+    similarity-based pruning methods measure."""
     positions = np.arange(tokens.shape[-1])
     return self.layers.streams(self.embed_tokens(tokens), positions)
 
@@ -523,8 +547,9 @@ class Llama(nnx.Module):
     return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
   def __call__(self, tokens: jax.Array, keep=None) -> jax.Array:
-    """Float32 logits `[B, T, V]` of int tokens `[B, T]`; `keep` `[L, 2]` removes sublayers. One
-    compiled program per (structure, shapes): calls after the first do not recompile."""
+    """Float32 logits `[B, T, V]` of int32 tokens `[B, T]`; bool `keep` `[L, 2]` removes
+    sublayers. One compiled program per (structure, shapes): calls after the first do not
+    recompile."""
     graphdef, state = nnx.split(self)
     keep = None if keep is None else jnp.asarray(keep, bool)
     return _forward(graphdef, state, jnp.asarray(tokens), keep)
@@ -532,15 +557,17 @@ class Llama(nnx.Module):
   # ------------------------------------------------------------------ decoding
 
   def init_cache(self, batch: int, max_len: int) -> dict:
-    """An empty KV cache `{k, v}` `[n_attn, B, max_len, KV, hd]` (kept attention only)."""
+    """An empty KV cache `{k, v}`, each `[n_attn, B, max_len, KV, hd]` in the compute dtype (kept
+    attention only)."""
     cfg = self.config
     shape = (int(self.layers.present_mask[:, ATTN].sum()), batch, max_len, cfg.num_kv_heads,
              cfg.head_dim)
     return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
 
   def cached_hidden(self, tokens: jax.Array, positions: jax.Array, cache: dict):
-    """New tokens `[B, t]` at `positions` `[B, t]` through the model with a KV cache: the final
-    stream `[B, t, D]` and the updated cache. Rows may sit at different positions."""
+    """New int32 tokens `[B, t]` at int32 `positions` `[B, t]` through the model with a KV cache
+    (`init_cache`): the final stream `[B, t, D]` and the updated cache. Rows may sit at
+    different positions."""
     return self.layers.cached(self.embed_tokens(tokens), positions, cache)
 
   # ------------------------------------------------------------------ structure
@@ -551,6 +578,7 @@ class Llama(nnx.Module):
     return self.layers.present_mask
 
   def num_params(self) -> int:
+    """How many parameter elements the model holds."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(self, nnx.Param))))
 
   def prune(self, keep) -> "Llama":
@@ -578,30 +606,23 @@ class Llama(nnx.Module):
     param_dtype = jax.dtypes.canonicalize_dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
     graphdef, state = nnx.split(nnx.eval_shape(
         lambda: cls(config, present=present, dtype=dtype, param_dtype=param_dtype)))
-    attn = params["attn"] if pruned else params["layers"]
-    ffn = params["ffn"] if pruned else params["layers"]
-    pure = {"embed": {"embedding": params.get("embed")},
-            "final_norm": {"weight": params.get("final_norm")},
-            "layers": {"attn": _nest(attn, _attn_paths(config)),
-                       "mlp": _nest(ffn, _ffn_paths(config))}}
-    if not config.tie_embeddings:
-      pure["lm_head"] = {"kernel": params.get("lm_head")}
+    pure: dict = {}  # the layout's arrays at their variables' paths
+    for name, (group, path) in layout_paths(config).items():
+      source = params if group is None else params[group if pruned else "layers"]
+      node = functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], pure)
+      node[path[-1]] = source.get(name)
     _check_and_fill(state, pure)
     return nnx.merge(graphdef, state)
 
   def params(self) -> Params:
-    """The parameters in the checkpoint layout (dense: `layers`; else `attn` and `ffn`)."""
+    """The parameters in the checkpoint layout (dense: `layers`; else `attn` and `ffn`): the
+    model's own arrays (not copies), named by `layout_paths`."""
     state = nnx.to_pure_dict(nnx.state(self, nnx.Param))
-    layers = state["layers"]
-    attn = {k: layers["attn"][a][b] for k, (a, b) in _attn_paths(self.config).items()}
-    ffn = {k: layers["mlp"][a][b] for k, (a, b) in _ffn_paths(self.config).items()}
-    out = {"embed": state["embed"]["embedding"], "final_norm": state["final_norm"]["weight"]}
-    if self.lm_head is not None:
-      out["lm_head"] = state["lm_head"]["kernel"]
-    if self.present.all():
-      out["layers"] = {**attn, **ffn}
-    else:
-      out["attn"], out["ffn"] = attn, ffn
+    dense = self.present.all()
+    out: Params = {}
+    for name, (group, path) in layout_paths(self.config).items():
+      node = out if group is None else out.setdefault("layers" if dense else group, {})
+      node[name] = functools.reduce(lambda node, key: node[key], path, state)
     return out
 
 
@@ -626,13 +647,6 @@ def _forward(graphdef, state, tokens, keep):
   return model.logits(model.hidden(tokens, keep))
 
 
-def _nest(group: Params, paths: dict) -> dict:
-  out = {}
-  for name, (attr, var) in paths.items():
-    out.setdefault(attr, {})[var] = group.get(name)
-  return out
-
-
 def _check_and_fill(state: nnx.State, pure: dict) -> None:
   """Puts the leaves of `pure` into the abstract `state`, checking that each exists with the
   expected shape."""
@@ -652,22 +666,10 @@ def _check_and_fill(state: nnx.State, pure: dict) -> None:
   jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def logical_axes(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
-  """The logical axes of each checkpoint-layout parameter, read off the model's own variables."""
-  model = nnx.eval_shape(lambda: Llama(cfg))
-  axes = lambda var: tuple(var.get_metadata()["out_sharding"])
-  out = {"embed": axes(model.embed.embedding), "final_norm": axes(model.final_norm.weight)}
-  if model.lm_head is not None:
-    out["lm_head"] = axes(model.lm_head.kernel)
-  for stack, paths in ((model.layers.attn, _attn_paths(cfg)),
-                       (model.layers.mlp, _ffn_paths(cfg))):
-    for name, (attr, var) in paths.items():
-      out[name] = axes(getattr(getattr(stack, attr), var))
-  return out
-
-
 def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, keep=None, *,
             dtype=None) -> jax.Array:
-  """Logits `[B, T, V]` (float32) of a model given as checkpoint-layout parameters; traceable."""
+  """Float32 logits `[B, T, V]` of int32 `tokens` `[B, T]` through a model given as
+  checkpoint-layout parameters (the dense layout: `layers`); bool `keep` `[L, 2]` removes
+  sublayers, `dtype` is the compute dtype. Traceable (`cfg` static under `jax.jit`)."""
   model = Llama.from_params(cfg, params, dtype=dtype)
   return model.logits(model.hidden(jnp.asarray(tokens), keep))

@@ -22,6 +22,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class DistributedError(ValueError):
@@ -56,7 +57,7 @@ def _cluster_processes() -> str | None:
   if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     return "Open MPI"
   try:  # jax's own probe (TPU chips on the PCI bus); jax is pinned, so its location is known.
-    from jax._src import hardware_utils
+    from jax._src import hardware_utils  # lazy: a private module; failing to import it = no TPU
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
       return "Cloud TPU"
   except Exception:  # noqa: BLE001 - no probe, no TPU
@@ -112,7 +113,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier of this name."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -120,7 +120,6 @@ def check_same(what: str, data: bytes) -> None:
   """Stops every process with a clear error unless all of them hold the same `data`."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
   digest = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
   digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
   differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
@@ -159,7 +158,6 @@ def broadcast_json(obj):
   """Process 0's JSON-serialisable `obj`, on every process (others may pass anything)."""
   if jax.process_count() == 1:
     return obj
-  from jax.experimental import multihost_utils
   data = json.dumps(obj).encode() if is_primary() else b""
   size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
   buf = np.zeros(size, np.uint8)
@@ -170,8 +168,14 @@ def broadcast_json(obj):
 
 
 def gather(x) -> np.ndarray:
-  """A global array as one host array on every process (fully addressable arrays: a plain fetch)."""
+  """A global array as one host array of the same shape and dtype on every process (fully
+  addressable arrays: a plain fetch)."""
   if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def primary_print(*args) -> None:
+  """`print` on process 0 and nothing on the others: a job's messages, printed once."""
+  if is_primary():
+    print(*args, flush=True)

@@ -5,21 +5,30 @@ The mesh has two axes: `cand` splits the removal candidates (data parallelism ov
 Parameters are replicated over `cand`. A parameter dimension is named by a logical axis; `RULES`
 maps logical axes to mesh axes. A dimension that the mesh axis does not divide stays replicated
 (e.g. 3 KV heads on a 4-way model axis), so any mesh shape runs.
+
+One rule (`logical_sharding`) turns a parameter's logical axes and shape into its sharding, and
+one function places parameters by it: `shard_state`, for the `nnx.State` of a `Llama`, whose
+variables carry their logical axes (model/modules.py declares them). The loaders, which read
+checkpoint tensors straight into sharded device arrays before any module exists, ask the same
+rule through `param_sharding_fn`, by the logical axes the model declares for each checkpoint
+name (`modules.logical_axes`).
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from finercut_jax.model.modules import logical_axes
 
 CAND, MODEL = "cand", "model"
 
 # Megatron-style tensor parallelism: heads and FFN hidden units split, the residual stream whole.
 # A mixture's experts are split the same way (each expert's FFN units over the model axis, every
 # device holding a slice of every expert), so routing needs no all-to-all: the dense-masked
-# dispatch of `model.Experts` runs every expert on every token anyway.
+# dispatch of `modules.Experts` runs every expert on every token anyway.
 RULES = {"q_heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL,
          "embed": None, "layers": None, "experts": None}
 
@@ -66,15 +75,18 @@ def _head_units(cfg) -> dict:
   return {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
 
 
-def param_sharding_fn(mesh: Mesh, cfg):
-  """`sharding_fn(name, shape)` for `loading.load_params`: a checkpoint-layout parameter placed by
-  the logical axes the model declares for it (`model.logical_axes`)."""
-  from finercut_jax.model.modules import logical_axes
-  axes, units = logical_axes(cfg), _head_units(cfg)
+def logical_sharding(axes, shape, mesh: Mesh, cfg) -> NamedSharding:
+  """Where a parameter of `cfg`'s model with logical `axes` and `shape` lives on `mesh`
+  (`logical_spec`, heads kept whole); replicated when it has no axes."""
+  return NamedSharding(mesh, logical_spec(axes, shape, mesh, _head_units(cfg)) if axes else P())
 
-  def fn(name, shape):
-    return NamedSharding(mesh, logical_spec(axes[name], shape, mesh, units))
-  return fn
+
+def state_shardings(state, mesh: Mesh, cfg):
+  """The `NamedSharding` of every variable of an `nnx.State`, from the logical axes each one
+  carries (`out_sharding` metadata); a variable without them is replicated."""
+  return jax.tree.map(
+      lambda var: logical_sharding(var.get_metadata().get("out_sharding"), var.shape, mesh, cfg),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _place(x, sharding):
@@ -83,40 +95,23 @@ def _place(x, sharding):
   return jax.device_put(x, sharding)
 
 
-def shard_params(params, mesh: Mesh, cfg):
-  """Places a checkpoint-layout parameter pytree on the mesh according to `RULES`; abstract
-  leaves (`jax.ShapeDtypeStruct`) get the sharding attached instead."""
-  fn = param_sharding_fn(mesh, cfg)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: _place(x, fn(path[-1].key, x.shape)), params)
-
-
-def state_shardings(state, mesh: Mesh, cfg):
-  """The `NamedSharding` of every variable of an `nnx.State`, from the logical axes each one
-  carries (`out_sharding` metadata); a variable without them is replicated."""
-  from flax import nnx
-  units = _head_units(cfg)
-
-  def spec(var):
-    axes = var.get_metadata().get("out_sharding")
-    return NamedSharding(mesh, logical_spec(axes, var.shape, mesh, units) if axes else P())
-
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def shard_state(state, mesh: Mesh, cfg):
-  """An `nnx.State` (of a `Llama`) placed on the mesh by its variables' logical axes; abstract
-  leaves get the sharding attached instead."""
-  from flax import nnx
+  """An `nnx.State` (of a `Llama`, or part of one) placed on the mesh by its variables' logical
+  axes (`state_shardings`); abstract leaves (`jax.ShapeDtypeStruct`) get the sharding attached
+  instead. The one function that places parameters on a mesh."""
   return jax.tree.map(lambda var, sharding: var.replace(_place(var.get_value(), sharding)), state,
                       state_shardings(state, mesh, cfg),
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def param_sharding_fn(mesh: Mesh, cfg):
+  """`sharding_fn(name, shape)` for the loaders (`loading.load_params`, `loading.load_model`):
+  the sharding of a checkpoint-layout tensor `name` of `shape` (e.g. a stack over the present
+  sublayers only), by the logical axes of the model variable it loads into
+  (`modules.logical_axes`): what `shard_state` gives that variable."""
+  axes = logical_axes(cfg)
+  return lambda name, shape: logical_sharding(axes[name], shape, mesh, cfg)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def num_chunks_per_device(num_candidates: int, width: int, cand_devices: int) -> int:
-  """Chunks of `width` candidates each device runs so that all candidates fit."""
-  return max(1, math.ceil(num_candidates / (width * cand_devices)))

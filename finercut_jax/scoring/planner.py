@@ -22,19 +22,26 @@ remaining sequences (`passes`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import numpy as np
 
 from finercut_jax.scoring.programs import ChunkPlan
 
 
+class Selection(enum.StrEnum):
+  """Which candidates a pass runs."""
+  ALL = "all"  # every candidate
+  FIRST = "first"  # each device's first chunk in score order
+  ALIVE = "alive"  # those not complete whose partial score is still <= the best complete one
+
+
 @dataclasses.dataclass(frozen=True)
 class Pass:
-  """Sequences `[first, stop)` for the selected candidates: `all` of them, each device's `first`
-  chunk in score order, or those still `alive` (not complete, partial score <= best)."""
+  """Sequences `[first, stop)` for the candidates of `select`."""
   first: int
   stop: int
-  select: str
+  select: Selection
 
 
 def passes(num_sequences: int, bound: bool, chunk_width: int) -> list[Pass]:
@@ -42,11 +49,11 @@ def passes(num_sequences: int, bound: bool, chunk_width: int) -> list[Pass]:
   sequences: each chunk is one candidate that stops on its own, and a complete score found early
   in the pass tightens the bound for every later chunk at once."""
   if not bound or num_sequences == 1:
-    return [Pass(0, num_sequences, "all")]
-  first = [Pass(0, 1, "all"), Pass(1, num_sequences, "first")]
+    return [Pass(0, num_sequences, Selection.ALL)]
+  first = [Pass(0, 1, Selection.ALL), Pass(1, num_sequences, Selection.FIRST)]
   if chunk_width == 1:
-    return first + [Pass(1, num_sequences, "alive")]
-  return first + [Pass(g, g + 1, "alive") for g in range(1, num_sequences)]
+    return first + [Pass(1, num_sequences, Selection.ALIVE)]
+  return first + [Pass(g, g + 1, Selection.ALIVE) for g in range(1, num_sequences)]
 
 
 class Planner:
@@ -61,11 +68,12 @@ class Planner:
     self.num_chunks = -(-slots_per_device // chunk_width)
     self.num_sublayers, self.num_sequences = num_sublayers, num_sequences
     self.state_every, self.num_states = state_every, num_states
-    self.sublayer_flops = sublayer_flops  # [2L] one sublayer on one sequence
+    self.sublayer_flops = sublayer_flops  # float [2L]: one sublayer on one sequence
     self.head_flops = head_flops  # the LM head on one sequence
-    self.keep = None  # the keep mask the caches were computed for
+    self.keep = None  # bool [2L]: the keep mask the caches were computed for
     self.prefix_valid = -1  # prefix[j] is current for j <= this
     self.slot_of: dict = {}
+    # [slots, N]: slot s's kept states are current for sequence g up to this sublayer
     self.states_valid = np.full((devices * slots_per_device, num_sequences), -1)
 
   @property
@@ -73,8 +81,9 @@ class Planner:
     return self.devices * self.slots_per_device
 
   def invalidate(self, keep_flat: np.ndarray) -> None:
-    """Marks what the caches still hold for the new mask: if sublayers were only removed (a
-    greedy step), everything before the first newly removed one is unchanged; else nothing."""
+    """Marks what the caches still hold for the new mask `keep_flat` (`bool [2L]`): if sublayers
+    were only removed (a greedy step), everything before the first newly removed one is
+    unchanged; else nothing."""
     if self.keep is None or np.any(keep_flat & ~self.keep):
       self.prefix_valid = -1
       self.states_valid[:] = -1
@@ -92,7 +101,7 @@ class Planner:
     self.prefix_valid = self.num_sublayers
 
   def slots(self, candidates: list) -> np.ndarray:
-    """Stable slot (and so device and kept states) for each candidate."""
+    """Stable slot (and so device and kept states) for each candidate: `int [C]`."""
     if len(candidates) > self.capacity:
       raise ValueError(f"{len(candidates)} candidates exceed the scorer's {self.capacity} slots; "
                        f"construct it with max_candidates={len(candidates)}")
@@ -106,16 +115,18 @@ class Planner:
     return np.asarray([self.slot_of[c] for c in candidates])
 
   def select(self, step: Pass, done: np.ndarray, scores: np.ndarray, best: float) -> np.ndarray:
-    """The candidates (indices) a pass runs."""
-    if step.select == "alive":
+    """The candidates a pass runs, `int [E]` indices, from the sequence each candidate stopped at
+    (`done`, `int [C]`) and its (partial) score (`scores`, `float [C]`)."""
+    if step.select is Selection.ALIVE:
       return np.flatnonzero((done == step.first) & (scores <= best))
     return np.flatnonzero(done == step.first)
 
   def layout(self, candidates: list, slots: np.ndarray, partial: np.ndarray,
              entries: np.ndarray, step: Pass) -> tuple[np.ndarray, ChunkPlan]:
-    """The `ChunkPlan` of a pass, arrays `[devices, chunks, W(, N)]`, for `entries` (indices into
-    `candidates`). Returns `(index, plan)`: index holds each entry's position in `candidates`
-    (-1: padding)."""
+    """The `ChunkPlan` of a pass, arrays `[devices, chunks, W(, N)]`, for `entries` (`int [E]`
+    indices into `candidates`), from the candidates' slots (`int [C]`) and partial scores
+    (`float [C]`). Returns `(index int [devices, chunks, W], plan)`: index holds each entry's
+    position in `candidates` (-1: padding)."""
     d, w, every, n = self.devices, self.chunk_width, self.state_every, self.num_sequences
     restart = np.repeat(np.asarray([c.resume for c in candidates])[:, None], n, axis=1)
     from_state = np.zeros(restart.shape, bool)
@@ -127,7 +138,7 @@ class Planner:
     index = np.full((d, self.num_chunks, w), -1)
     for dev in range(d):
       mine = entries[slots[entries] % d == dev]
-      if step.select == "first":  # the most promising chunk first: chunks in score order
+      if step.select is Selection.FIRST:  # the most promising chunk first: chunks in score order
         mine = mine[np.argsort(partial[mine], kind="stable")]
         chunks = [mine[:w]]
       else:  # chunks of similar restart points (a chunk runs from its smallest), best first
@@ -149,7 +160,8 @@ class Planner:
     return index, plan
 
   def ran(self, slots: np.ndarray, first: int, done: np.ndarray) -> None:
-    """Candidates in `slots` ran sequences `first .. done-1`: their kept states are current."""
+    """Candidates in `slots` (`int [E]`) ran sequences `first .. done-1` (`done` `int [E]`): their
+    kept states are current."""
     g = np.arange(self.num_sequences)[None, :]
     ran = (g >= first) & (g < done[:, None])
     self.states_valid[slots] = np.where(ran, self.num_sublayers, self.states_valid[slots])
@@ -164,14 +176,17 @@ class Planner:
     return flops_from, kept_from
 
   def prefix_cost(self, keep_flat, first: int) -> tuple[int, float]:
-    """(sublayer evaluations, FLOPs) of the prefix pass from `first` on, every sequence."""
+    """(sublayer evaluations, FLOPs) of the prefix pass from `first` on, every sequence, for the
+    model with sublayers `keep_flat` (`bool [2L]`)."""
     flops_from, kept_from = self._flops_from(keep_flat)
     return self.num_sequences * int(kept_from[first]), self.num_sequences * float(flops_from[first])
 
   def pass_cost(self, keep_flat, plan: ChunkPlan, done: np.ndarray, first: int) -> dict:
     """What a pass computed: a chunk runs all its entries from their smallest restart point, then
-    the LM head, for each sequence it ran. Per device: sublayer evaluations and FLOPs; overall:
-    (candidate, sequence) pairs of real entries and of padding, and the LM head's share of FLOPs."""
+    the LM head, for each sequence it ran (`done` `int [devices, chunks, W]`, the sequence each
+    entry stopped at). Per device: sublayer evaluations `int64 [devices]` and FLOPs
+    `float64 [devices]`; overall: (candidate, sequence) pairs of real entries and of padding, and
+    the LM head's share of FLOPs."""
     w = self.chunk_width
     flops_from, kept_from = self._flops_from(keep_flat)
     evaluations, flops = np.zeros(self.devices, np.int64), np.zeros(self.devices)

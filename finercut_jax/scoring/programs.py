@@ -3,15 +3,16 @@
 - `reference_program`: the dense model's outputs at every calibration position (once).
 - `prefix_program`: the current pruned model's residual stream at every sublayer boundary (once
   per greedy step, from the first sublayer that changed).
-- `score_chunks`: one device's candidates, as a scan over chunks of `ProgramConfig.chunk_width`
-  candidates (one `jax.vmap` each), each chunk running the calibration sequences of the call one
-  after another: its suffix sublayers (keeping its states), then the fused LM head and
-  divergence per block of positions. With `bound`, a chunk stops once none of its candidates can
-  be the argmin; the best complete score is shared by every device of the candidate axis after
-  each chunk (`lax.pmin`), so every device cuts against the best score found anywhere.
+- `score_chunks`: one device's candidates, as a scan over chunks of W candidates (one `jax.vmap`
+  each; W is the last axis of the `ChunkPlan` arrays, the scorer's `chunk_width`), each chunk
+  running the calibration sequences of the call one after another: its suffix sublayers (keeping
+  its states), then the fused LM head and divergence per block of positions. With `bound`, a
+  chunk stops once none of its candidates can be the argmin; the best complete score is shared
+  by every device of the candidate axis after each chunk (`lax.pmin`), so every device cuts
+  against the best score found anywhere.
 
-What a call computes, for which candidates and from where, is the host's choice (`planner.py`):
-it arrives as a `ChunkPlan`, a named pytree of per-chunk arrays.
+What a call computes, for which candidates and from where, is the host's choice
+(`scoring/planner.py`): it arrives as a `ChunkPlan`, a named pytree of per-chunk arrays.
 """
 from __future__ import annotations
 
@@ -28,29 +29,30 @@ from finercut_jax.scoring import divergence
 
 class ChunkPlan(NamedTuple):
   """One device's entries for a scoring call: `[chunks, W]`, the restart arrays `[chunks, W, N]`
-  (one value per calibration sequence). Padding entries repeat a real entry of their chunk."""
-  slot: Any  # the entry's kept-state slot on its device
-  start: Any  # its first removed sublayer: the prefix cache row it starts from
-  resume: Any  # [.., N] the first sublayer it runs, per sequence
-  from_state: Any  # [.., N] start from its own kept state, not from the prefix cache
-  state_index: Any  # [.., N] which of its kept states
-  partial: Any  # its score over the sequences before this call
-  valid: Any  # False: padding
+  (one value per calibration sequence); the planner's layout of a call has a leading device axis.
+  Padding entries repeat a real entry of their chunk."""
+  slot: Any  # int32 [chunks, W]: the entry's kept-state slot on its device
+  start: Any  # int32 [chunks, W]: its first removed sublayer, the prefix cache row it starts from
+  resume: Any  # int32 [chunks, W, N]: the first sublayer it runs, per sequence
+  from_state: Any  # bool [chunks, W, N]: start from its own kept state, not the prefix cache
+  state_index: Any  # int32 [chunks, W, N]: which of its kept states
+  partial: Any  # float32 [chunks, W]: its score over the sequences before this call
+  valid: Any  # bool [chunks, W]; False: padding
 
 
 class Calibration(NamedTuple):
-  """The dense model's side of every metric, `[N*T, ...]`: what `divergence.reference` keeps of
-  its logits, the next-token targets and the position weights."""
-  reference: Any
-  targets: Any
-  weights: Any
+  """The dense model's side of every metric, per calibration position: what
+  `divergence.reference` keeps of its logits, the next-token targets and the position weights."""
+  reference: Any  # float32 [N*T, V] ([N*T, 1] zeros for ppl)
+  targets: Any  # int32 [N*T]
+  weights: Any  # float32 [N*T]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramConfig:
   """What the step program is specialized on (static: a change recompiles)."""
   graphdef: Any  # the model's nnx graph; the parameters arrive as a state pytree
-  metric: str
+  metric: divergence.Metric
   num_sequences: int
   seq_len: int
   position_block: int
@@ -65,12 +67,14 @@ def _model(graphdef, params):
 
 
 def embed(graphdef, params, tokens):
-  """The residual stream entering sublayer 0, `[N, T, D]`."""
+  """tokens: `int32 [N, T]`. Returns the residual stream entering sublayer 0, `[N, T, D]` in the
+  model's compute dtype."""
   return _model(graphdef, params).embed_tokens(jnp.asarray(tokens))
 
 
-def reference_program(graphdef, metric: str, params, h0):
-  """What the metric compares against, `[N*T, V]` (`[N*T, 1]` zeros for `ppl`)."""
+def reference_program(graphdef, metric: divergence.Metric, params, h0):
+  """h0: `[N, T, D]` from `embed`. Returns what the metric compares against, `float32 [N*T, V]`
+  (`[N*T, 1]` zeros for `ppl`)."""
   model = _model(graphdef, params)
   h = model.layers(h0, np.arange(h0.shape[1]))
   logits = model.logits(h).reshape(-1, model.config.vocab_size)
@@ -79,7 +83,9 @@ def reference_program(graphdef, metric: str, params, h0):
 
 
 def prefix_program(graphdef, params, prefix, h0, keep_flat, first):
-  """The prefix cache `[2L, N, T, D]` recomputed from sublayer `first` on (from h0 if 0)."""
+  """The prefix cache `[2L, N, T, D]` (`prefix`, donated) recomputed from sublayer `first`
+  (`int32 []`) on, from h0 `[N, T, D]` if 0, for the model with sublayers `keep_flat`
+  (`bool [2L]`). Row j holds the stream entering sublayer j."""
   layers = _model(graphdef, params).layers
   positions = np.arange(h0.shape[1])
   h = jnp.where(first == 0, h0, prefix[first])
@@ -94,9 +100,13 @@ def prefix_program(graphdef, params, prefix, h0, keep_flat, first):
 def score_chunks(config: ProgramConfig, params, prefix, states, calibration: Calibration,
                  keep_flat, sequences, best, plan: ChunkPlan):
   """One device's chunks, in plan order, on calibration sequences `sequences[0] ..
-  sequences[1]-1`, adding to `plan.partial`; `best` is the best complete score known before.
+  sequences[1]-1` (`int32 [2]`), adding to `plan.partial`; `best` (`float32 []`) is the best
+  complete score known before.
 
-  Returns `(scores [chunks, W], the sequence each entry stopped at [chunks, W], states)`.
+  prefix: `[2L, N, T, D]` from `prefix_program`; states: this device's kept states
+  `[slots, num_states, N, T, D]`; keep_flat: `bool [2L]`, the current model's sublayers.
+  Returns `(scores float32 [chunks, W], the sequence each entry stopped at int32 [chunks, W],
+  states)`.
   """
   model = _model(config.graphdef, params)
   n, t, pb = config.num_sequences, config.seq_len, config.position_block

@@ -40,13 +40,15 @@ The pieces: `programs.py` holds the device programs (pure functions of arrays an
 `Scorer` joins them and holds the device arrays.
 
 Backends: `jit` (default) runs `jax.shard_map` over the `cand` axis inside `jax.jit`, parameters
-replicated over `cand` and sharded over `model` by the rules of `sharding.py`. `pmap` runs the same
-per-device program under `jax.pmap` (replicated parameters only): since JAX 0.8 `jax.pmap` is a
-wrapper over `jit(shard_map)` in maintenance mode, which is why it is not the default.
+replicated over `cand` and sharded over `model` by the rules of `parallel/sharding.py`. `pmap`
+runs the same per-device program under `jax.pmap` (replicated parameters only): since JAX 0.8
+`jax.pmap` is a wrapper over `jit(shard_map)` in maintenance mode, which is why it is not the
+default.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 import os
@@ -57,18 +59,27 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from finercut_jax.parallel import distributed
-from finercut_jax.scoring import divergence
-from finercut_jax.scoring import programs
 from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.model.modules import Llama
+from finercut_jax.parallel import distributed
+from finercut_jax.parallel.sharding import (CAND, MODEL, logical_spec, make_mesh, replicated,
+                                            shard_state)
+from finercut_jax.scoring import divergence, programs
+from finercut_jax.scoring.divergence import Metric
 from finercut_jax.scoring.planner import Planner, passes
 from finercut_jax.scoring.programs import Calibration, ChunkPlan, ProgramConfig
-from finercut_jax.parallel.sharding import CAND, MODEL, logical_spec, make_mesh, replicated, shard_state
 
-BACKENDS = ("jit", "pmap")
+
+class Backend(enum.StrEnum):
+  """How the step program is mapped over the candidate devices (see the module docstring)."""
+  JIT = "jit"  # jax.jit over jax.shard_map
+  PMAP = "pmap"  # jax.pmap: replicated parameters, one process
+
+
+BACKENDS = tuple(b.value for b in Backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,24 +161,28 @@ def enable_compilation_cache(directory: str, min_compile_seconds: float = 0.5) -
 class Scorer:
   """Scores removal candidates of a `Llama` on a fixed calibration set.
 
-  `scores, stats = scorer.score(keep, candidates)` with `keep` `[L, 2]` the current pruned model
-  and `candidates` a list of `Candidate`: `scores[i]` is the metric of the model with candidate i
-  removed as well. `score_step` is the search's form, with early termination.
+  `scores, stats = scorer.score(keep, candidates)` with `keep` `bool [L, 2]` the current pruned
+  model and `candidates` a list of `Candidate`: `scores[i]` is the metric of the model with
+  candidate i removed as well. `score_step` is the search's form, with early termination.
+  `tokens`, the calibration sequences, are `int32 [N, T]`; `metric` and `backend` are a
+  `divergence.Metric` and a `Backend` or their names.
   """
 
-  def __init__(self, model: Llama, tokens: np.ndarray, *, metric: str = "js",
-               chunk_width: int = 1, position_block: int = 512, mesh=None, backend: str = "jit",
+  def __init__(self, model: Llama, tokens: np.ndarray, *, metric: Metric | str = Metric.JS,
+               chunk_width: int = 1, position_block: int = 512, mesh=None,
+               backend: Backend | str = Backend.JIT,
                max_candidates: int | None = None, state_every: int = 2,
                state_memory: float = 2 * 2**30):
     self.cfg = cfg = model.config
     self.metric = divergence.check_metric(metric)
-    if backend not in BACKENDS:
-      raise ValueError(f"unknown scorer backend {backend!r}; choose one of {BACKENDS}")
+    try:
+      self.backend = Backend(backend)
+    except ValueError:
+      raise ValueError(f"unknown scorer backend {backend!r}; choose one of {BACKENDS}") from None
     if chunk_width < 1 or state_every < 1:
       raise ValueError(f"chunk_width and state_every must be >= 1, got {chunk_width}, {state_every}")
-    self.backend = backend
     self.mesh = mesh if mesh is not None else make_mesh(cand=1, model=1)
-    if backend == "pmap" and (self.mesh.shape[MODEL] != 1 or jax.process_count() > 1):
+    if self.backend is Backend.PMAP and (self.mesh.shape[MODEL] != 1 or jax.process_count() > 1):
       raise ValueError("the pmap backend needs replicated parameters (model axis 1) on one "
                        "process; use backend='jit'")
     self.tokens = np.asarray(tokens, np.int32)
@@ -275,7 +290,7 @@ class Scorer:
         position_block=self.position_block, state_every=self.state_every,
         num_states=self.num_states, bound=bound, axis=CAND if self.cand_devices > 1 else None)
     local = functools.partial(programs.score_chunks, config)
-    if self.backend == "pmap":
+    if self.backend is Backend.PMAP:
       devices = self.mesh.devices[:, 0].tolist()
       fn = jax.pmap(local, axis_name=CAND, in_axes=(None, None, 0) + (None,) * 4 + (0,),
                     devices=devices, donate_argnums=(2,))
@@ -296,7 +311,7 @@ class Scorer:
 
   def _step_args(self, keep_flat, sequences, best: float, plan: ChunkPlan):
     """The step program's arguments, placed as it was compiled for."""
-    if self.backend == "pmap":
+    if self.backend is Backend.PMAP:
       return (self.params, self.prefix, self.states, self.calibration, keep_flat,
               np.asarray(sequences, np.int32), np.float32(best), plan)
     rep, cand = replicated(self.mesh), NamedSharding(self.mesh, P(CAND))
@@ -312,7 +327,7 @@ class Scorer:
     dense pass, once per search), `prefix` (the current model's pass, once per step) and `step`
     (the candidates). With an abstract scorer this sizes a model this machine cannot hold:
     `lower()["step"].compile().memory_analysis()`."""
-    if self.backend != "jit":
+    if self.backend is not Backend.JIT:
       raise ValueError("lower() is for the jit backend")
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     rep = replicated(self.mesh)
@@ -331,7 +346,8 @@ class Scorer:
   # ------------------------------------------------------------------ scoring
 
   def score_step(self, keep: np.ndarray, candidates: list[Candidate], *, bound: bool = True):
-    """Scores candidates; returns `(scores, complete, stats)`.
+    """Scores candidates with the model `keep` (`bool [L, 2]`) as the current pruned model;
+    returns `(scores float64 [C], complete bool [C], stats)` for the C candidates.
 
     With `bound`, a candidate that provably cannot be the argmin stops early: its score is then
     a lower bound and `complete` is False for it (see `planner.passes` for the pass order).
@@ -406,7 +422,7 @@ class Scorer:
   def _run(self, bound: bool, keep_flat, sequences, best: float, plan: ChunkPlan,
            stats: StepStats):
     """Runs the step program on a plan (compiling it first if this is its first call); returns
-    (stop sequence, scores) `[devices, chunks, W]`."""
+    (stop sequence `int32 [devices, chunks, W]`, scores `float64 [devices, chunks, W]`)."""
     args = self._step_args(keep_flat, sequences, best, plan)
     if bound not in self._compiled:
       tick = time.perf_counter()
@@ -421,7 +437,7 @@ class Scorer:
     return done, scores
 
   def score(self, keep: np.ndarray, candidates: list[Candidate]) -> tuple[np.ndarray, StepStats]:
-    """Exact scores of every candidate."""
+    """Exact scores of every candidate, `float64 [C]`, for the model `keep` (`bool [L, 2]`)."""
     scores, _, stats = self.score_step(keep, candidates, bound=False)
     return scores, stats
 

@@ -3,7 +3,7 @@
 Each method is one `Method`: a unit (whole blocks or single sublayers) and how it ranks them.
 Three kinds of ranking:
 
-- `search`: the greedy search with the compiled scorer (`search.greedy_search`), under another
+- `search`: the greedy search with the compiled scorer (`greedy.greedy_search`), under another
   metric or candidate pool. SLEB (Song et al. 2024) removes, step by step, the block whose removal
   raises calibration perplexity least: pool `blocks`, metric `ppl`. BlockPruner (Zhong et al.
   2024) does the same over attention and MLP sublayers: pool `sublayers`, metric `ppl`. Both
@@ -25,6 +25,7 @@ Three kinds of ranking:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 
@@ -34,39 +35,73 @@ import numpy as np
 from flax import nnx
 
 from finercut_jax.model.modules import Llama
+from finercut_jax.rundir import RemovalStep
+from finercut_jax.scoring.divergence import Metric, check_metric
 from finercut_jax.scoring.scorer import Candidate
-from finercut_jax.search.greedy import describe
+from finercut_jax.search.greedy import Pool, parse_pool, removal_step
+
+
+class Unit(enum.StrEnum):
+  """What one removal takes out."""
+  SUBLAYERS = "sublayers"
+  BLOCKS = "blocks"
+
+
+class RankingKind(enum.StrEnum):
+  """How a method ranks its units (see the module docstring)."""
+  SEARCH = "search"
+  SIMILARITY = "similarity"
+  RANDOM = "random"
+
+
+def parse_unit(unit: Unit | str) -> Unit:
+  """`unit` as a `Unit`; a `ValueError` naming the choices if it is none of them."""
+  try:
+    return Unit(unit)
+  except ValueError:
+    raise ValueError(f"unknown unit {unit!r}; choose one of {', '.join(Unit)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """A pruning method; the enum fields may be given by their names."""
   name: str
-  unit: str  # "sublayers" or "blocks": what one removal takes out
-  ranking: str  # "search", "similarity" or "random"
-  metric: str | None = None  # search methods: the scorer's metric
-  pool: str | None = None  # search methods: the candidate pool
+  unit: Unit
+  ranking: RankingKind
+  metric: Metric | None = None  # search methods: the scorer's metric
+  pool: Pool | None = None  # search methods: the candidate pool
   description: str = ""
+
+  def __post_init__(self):
+    object.__setattr__(self, "unit", parse_unit(self.unit))
+    object.__setattr__(self, "ranking", RankingKind(self.ranking))
+    if self.metric is not None:
+      object.__setattr__(self, "metric", check_metric(self.metric))
+    if self.pool is not None:
+      object.__setattr__(self, "pool", parse_pool(self.pool))
 
 
 METHODS = {m.name: m for m in (
-    Method("finercut", "sublayers", "search", "js", "sublayers",
+    Method("finercut", Unit.SUBLAYERS, RankingKind.SEARCH, Metric.JS, Pool.SUBLAYERS,
            "FinerCut, textbook Jensen-Shannon divergence, greedy over sublayers"),
-    Method("finercut_official", "sublayers", "search", "js_official", "sublayers",
-           "FinerCut with the official code's divergence (js_official)"),
-    Method("shortgpt", "blocks", "similarity",
+    Method("finercut_official", Unit.SUBLAYERS, RankingKind.SEARCH, Metric.JS_OFFICIAL,
+           Pool.SUBLAYERS, "FinerCut with the official code's divergence (js_official)"),
+    Method("shortgpt", Unit.BLOCKS, RankingKind.SIMILARITY,
            description="ShortGPT: block influence (1 - cosine of block input and output), one shot"),
-    Method("gromov", "blocks", "similarity",
+    Method("gromov", Unit.BLOCKS, RankingKind.SIMILARITY,
            description="Gromov et al.: contiguous blocks with the least angular distance"),
-    Method("sleb", "blocks", "search", "ppl", "blocks",
+    Method("sleb", Unit.BLOCKS, RankingKind.SEARCH, Metric.PPL, Pool.BLOCKS,
            description="SLEB: greedy whole blocks by calibration perplexity"),
-    Method("llm_drop", "sublayers", "similarity",
+    Method("llm_drop", Unit.SUBLAYERS, RankingKind.SIMILARITY,
            description="LLM-Drop attention drop: attention sublayers by 1 - cosine, one shot"),
-    Method("llm_drop_joint", "sublayers", "similarity",
+    Method("llm_drop_joint", Unit.SUBLAYERS, RankingKind.SIMILARITY,
            description="LLM-Drop joint drop: attention and FFN sublayers by 1 - cosine, one shot"),
-    Method("blockpruner", "sublayers", "search", "ppl", "sublayers",
+    Method("blockpruner", Unit.SUBLAYERS, RankingKind.SEARCH, Metric.PPL, Pool.SUBLAYERS,
            description="BlockPruner: greedy attention/MLP sublayers by calibration perplexity"),
-    Method("random_sublayers", "sublayers", "random", description="random sublayers (seeded)"),
-    Method("random_blocks", "blocks", "random", description="random whole blocks (seeded)"),
+    Method("random_sublayers", Unit.SUBLAYERS, RankingKind.RANDOM,
+           description="random sublayers (seeded)"),
+    Method("random_blocks", Unit.BLOCKS, RankingKind.RANDOM,
+           description="random whole blocks (seeded)"),
 )}
 
 
@@ -82,7 +117,7 @@ def units_removed(method: Method, ratio: float, num_layers: int) -> int:
   if not 0.0 < ratio < 1.0:
     raise ValueError(f"pruning ratio must be in (0, 1), got {ratio}")
   sublayers = int(ratio * 2 * num_layers)
-  if method.unit == "sublayers":
+  if method.unit is Unit.SUBLAYERS:
     if method.name == "llm_drop" and sublayers > num_layers:
       raise ValueError(f"llm_drop removes attention sublayers only: ratio {ratio:g} asks for "
                        f"{sublayers} of {2 * num_layers} sublayers but there are {num_layers} "
@@ -106,10 +141,10 @@ def units_removed(method: Method, ratio: float, num_layers: int) -> int:
 @dataclasses.dataclass
 class Similarities:
   """What the similarity methods read from one dense pass over the calibration tokens."""
-  sublayer_cosine: np.ndarray  # [L, 2]: mean over tokens of cos(sublayer input, output)
-  block_cosine: np.ndarray  # [L]: mean over tokens of cos(block input, output)
-  angular: np.ndarray  # [L+1, L+1]: mean over sequences of the final token's angular distance
-                       # between block boundaries i and j (boundary l: the input of block l)
+  sublayer_cosine: np.ndarray  # float64 [L, 2]: mean over tokens of cos(sublayer input, output)
+  block_cosine: np.ndarray  # float64 [L]: mean over tokens of cos(block input, output)
+  angular: np.ndarray  # float64 [L+1, L+1]: mean over sequences of the final token's angular
+                       # distance between block boundaries i and j (boundary l: block l's input)
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -132,7 +167,7 @@ def _sequence_statistics(graphdef, state, tokens):
 
 
 def similarities(model: Llama, tokens: np.ndarray, batch_size: int = 1) -> Similarities:
-  """The dense model's similarity statistics on calibration tokens `[N, T]`, computed
+  """The dense model's similarity statistics on calibration tokens `int32 [N, T]`, computed
   `batch_size` sequences at a time (the streams of a batch are `[2L+1, B, T, D]`)."""
   if not model.present.all():
     raise ValueError("similarity statistics are measured on the dense model")
@@ -156,26 +191,22 @@ def similarities(model: Llama, tokens: np.ndarray, batch_size: int = 1) -> Simil
 # ----------------------------------------------------------------------------- orders
 
 
-def _record(step: int, candidate: Candidate, score: float) -> dict:
-  return dict(step=step, **describe(candidate), score=float(score), seconds=0.0)
-
-
-def _ranked(scores: np.ndarray, candidates: list[Candidate]) -> list[dict]:
+def _ranked(scores: np.ndarray, candidates: list[Candidate]) -> list[RemovalStep]:
   """Removal records, lowest score first (ties: the lowest sublayer id)."""
   order = sorted(range(len(candidates)), key=lambda i: (scores[i], candidates[i].start))
-  return [_record(t, candidates[i], scores[i]) for t, i in enumerate(order)]
+  return [removal_step(t, candidates[i], scores[i]) for t, i in enumerate(order)]
 
 
 def blocks(num_layers: int) -> list[Candidate]:
   return [Candidate(2 * l, 2 * l + 2) for l in range(num_layers)]
 
 
-def shortgpt_steps(sim: Similarities) -> list[dict]:
+def shortgpt_steps(sim: Similarities) -> list[RemovalStep]:
   """Every block, lowest block influence first."""
   return _ranked(1.0 - sim.block_cosine, blocks(len(sim.block_cosine)))
 
 
-def llm_drop_steps(sim: Similarities, joint: bool = False) -> list[dict]:
+def llm_drop_steps(sim: Similarities, joint: bool = False) -> list[RemovalStep]:
   """Attention sublayers (with `joint`, every sublayer), lowest `1 - cosine` first."""
   L = sim.sublayer_cosine.shape[0]
   kinds = (0, 1) if joint else (0,)
@@ -195,17 +226,17 @@ def gromov_run(sim: Similarities, n: int) -> tuple[int, float]:
   return start, float(distances[start])
 
 
-def gromov_steps(sim: Similarities, n: int) -> list[dict]:
+def gromov_steps(sim: Similarities, n: int) -> list[RemovalStep]:
   """The n blocks of the best contiguous run, in depth order, each scored with the run's
   distance."""
   start, distance = gromov_run(sim, n)
-  return [_record(t, Candidate(2 * l, 2 * l + 2), distance)
+  return [removal_step(t, Candidate(2 * l, 2 * l + 2), distance)
           for t, l in enumerate(range(start, start + n))]
 
 
-def random_steps(num_layers: int, unit: str, seed: int) -> list[dict]:
+def random_steps(num_layers: int, unit: Unit | str, seed: int) -> list[RemovalStep]:
   """A seeded random order of every block or every sublayer (score: the draw's position)."""
-  candidates = blocks(num_layers) if unit == "blocks" else [
+  candidates = blocks(num_layers) if parse_unit(unit) is Unit.BLOCKS else [
       Candidate(s, s + 1) for s in range(2 * num_layers)]
   order = np.random.default_rng(seed).permutation(len(candidates))
-  return [_record(t, candidates[i], float(t)) for t, i in enumerate(order)]
+  return [removal_step(t, candidates[i], float(t)) for t, i in enumerate(order)]
