@@ -40,6 +40,8 @@ the peak grows with the chunk width and not with the number of candidates.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -49,9 +51,17 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
+
+# After the path above: run as a script, this file's directory is on sys.path, not the repository.
+# JAX, torch and finercut_jax (which imports JAX) are imported inside the functions that use them:
+# each side's process imports only its own framework (`PeakMemory` reports JAX's device memory
+# wherever JAX was imported, and torch's official side must not start JAX).
+from benchmarks.machine import cpu_name, read_status_kib  # noqa: E402
 
 MIB = 2 ** 20
 SQUARE = (2048, 2048, 2048)  # a large square float32 matmul: the machine's best case
@@ -89,21 +99,18 @@ def _loadavg():
 
 
 def _vm_hwm_bytes():
-  from benchmarks.official_baseline import _read_status_kib
-  kib = _read_status_kib("VmHWM")
+  kib = read_status_kib("VmHWM")
   return None if kib is None else kib * 1024
 
 
 def side_official(spec: dict) -> dict:
-  import functools
-
-  import numpy as np
+  # lazy: torch, in the official side's process only
   import torch
 
   from benchmarks.official_baseline import PeakMemory, official_greedy
   torch.set_num_threads(spec["torch_threads"])
   t0 = time.perf_counter()
-  hf = _load_hf_model(spec["model_path"])
+  hf = load_hf_model(spec["model_path"])
   load_seconds = time.perf_counter() - t0
   tokens = np.load(spec["tokens_path"])
   load_peak = _vm_hwm_bytes()
@@ -130,15 +137,17 @@ def side_official(spec: dict) -> dict:
   }
 
 
-def _load_hf_model(path: str):
+def load_hf_model(path: str):
+  """transformers' `AutoModelForCausalLM` in float32, in eval mode, from a HF directory or a
+  .gguf file (offline: local files only)."""
+  # lazy: torch and transformers, for the torch side only
   import torch
   from transformers import AutoModelForCausalLM
   if path.endswith(".gguf"):
-    import gguf
+    import gguf  # lazy: as transformers
     # transformers parses the GGUF file twice and rebuilds gguf's tensor-name table per tensor
     # (~30 s for SmolLM2); both are pure functions of a read-only file, so memoizing them changes
     # only the load time (which is reported, not compared).
-    import functools
     gguf.get_tensor_name_map = functools.lru_cache(gguf.get_tensor_name_map)
     gguf.GGUFReader = functools.lru_cache(gguf.GGUFReader)
     model = AutoModelForCausalLM.from_pretrained(
@@ -173,9 +182,9 @@ def _matmul_summary(timer, repeats: int, shapes: dict) -> dict:
 
 def measure_matmul_jax(repeats: int, shapes: dict) -> dict:
   """Float32 `jnp.matmul` (jitted) throughput on `shapes`."""
+  # lazy: JAX, in the JAX side's process only
   import jax
   import jax.numpy as jnp
-  import numpy as np
   f = jax.jit(jnp.matmul)
 
   def timer(m, k, n):
@@ -188,7 +197,7 @@ def measure_matmul_jax(repeats: int, shapes: dict) -> dict:
 
 def measure_matmul_torch(repeats: int, shapes: dict) -> dict:
   """Float32 `torch.matmul` throughput on `shapes` (the official side's own yardstick)."""
-  import torch
+  import torch  # lazy: torch, in the official side's process only
 
   def timer(m, k, n):
     g = torch.Generator().manual_seed(0)
@@ -205,9 +214,9 @@ def _combine_matmul(before: dict, after: dict) -> dict:
 
 
 def _jax_setup(spec: dict):
+  # lazy: JAX, in the JAX side's process only
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from finercut_jax.model import loading
   t0 = time.perf_counter()
@@ -219,6 +228,7 @@ def _jax_setup(spec: dict):
 
 
 def side_jax(spec: dict) -> dict:
+  # lazy: JAX, in the JAX side's process only (official_baseline: torch, for PeakMemory)
   import jax
 
   from benchmarks.official_baseline import PeakMemory
@@ -232,10 +242,10 @@ def side_jax(spec: dict) -> dict:
 
   def on_step(record):
     marks.append(time.perf_counter())
-    st = record["stats"]
-    print(f"[jax w={spec['chunk_width']}] step {record['step']}: remove {record['kind']} of block "
-          f"{record['block']} (sublayer {record['sublayer']}), score={record['score']:.6g}, "
-          f"{record['seconds']:.2f}s, evals {st['evaluations']}/{st['naive_evaluations']}",
+    st = record.stats
+    print(f"[jax w={spec['chunk_width']}] step {record.step}: remove {record.kind} of block "
+          f"{record.block} (sublayer {record.sublayer}), score={record.score:.6g}, "
+          f"{record.seconds:.2f}s, evals {st['evaluations']}/{st['naive_evaluations']}",
           file=sys.stderr, flush=True)
 
   matmul_before = measure_matmul_jax(spec["matmul_repeats"], spec["matmul_shapes"])
@@ -260,17 +270,17 @@ def side_jax(spec: dict) -> dict:
       "load_seconds": load_seconds, "load_peak_bytes": load_peak,
       "setup_seconds": t1 - t0, "search_seconds": t2 - t1, "memory": mem.as_dict(),
       "matmul": matmul,
-      "steps": [{"step": r["step"], "sublayer": r["sublayer"], "kind": r["kind"],
-                 "block": r["block"], "score": r["score"], "seconds": w,
-                 "score_seconds": r["seconds"], "stats": r["stats"], "scores": r["scores"],
-                 "lower_bounds": r.get("lower_bounds", [])}
+      "steps": [{"step": r.step, "sublayer": r.sublayer, "kind": r.kind,
+                 "block": r.block, "score": r.score, "seconds": w,
+                 "score_seconds": r.seconds, "stats": r.stats, "scores": r.scores,
+                 "lower_bounds": list(r.lower_bounds or ())}
                 for r, w in zip(records, walls)],
   }
 
 
 def side_memprobe(spec: dict) -> dict:
+  # lazy: JAX, in the JAX side's process only (official_baseline: torch, for PeakMemory)
   import jax
-  import numpy as np
 
   from benchmarks.official_baseline import PeakMemory
   from finercut_jax.model.modules import Llama
@@ -337,8 +347,7 @@ def _median(xs):
 
 def _prepare(args):
   """Resolves the model, the step count and the calibration tokens (saved for both sides)."""
-  import numpy as np
-
+  # lazy: finercut_jax imports JAX, which the official side's process (this file) must not
   from finercut_jax import data
   from finercut_jax.model import loading
   from finercut_jax.search.greedy import steps_needed
@@ -367,7 +376,6 @@ def _prepare(args):
 
 
 def _environment(cpus) -> dict:
-  import importlib.metadata as md
   env = {"python": platform.python_version(), "platform": platform.platform(),
          "cpu_count": os.cpu_count(), "cpus_used": list(cpus), "threads": len(cpus)}
   for pkg in ("jax", "jaxlib", "torch", "transformers", "numpy"):
@@ -375,12 +383,7 @@ def _environment(cpus) -> dict:
       env[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       env[pkg] = None
-  try:
-    with open("/proc/cpuinfo") as f:
-      env["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                              None)
-  except OSError:
-    pass
+  env["cpu_model"] = cpu_name()
   return env
 
 
@@ -394,6 +397,7 @@ def _cpus(args) -> list[int]:
 
 def official_flops(cfg, n: int, t: int, num_candidates: int) -> float:
   """FLOPs of C full forwards of the dense model (masked sublayers are still computed)."""
+  # lazy: finercut_jax imports JAX, which the official side's process (this file) must not
   from finercut_jax.scoring.scorer import sublayer_flops
   attn, ffn, head = sublayer_flops(cfg, n, t)
   return num_candidates * (cfg.num_layers * (attn + ffn) + head)

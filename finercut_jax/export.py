@@ -1,26 +1,28 @@
 r"""Exports a run's pruned model as a Hugging Face checkpoint:
 `python -m finercut_jax.export --run_dir=runs/x --ratio=0.25 --out=DIR [--format=auto]`.
 
-Formats (finercut_jax/model/export_formats.py): `llama` when whole blocks are removed (transformers and vLLM
-load it as a plain Llama), `decilm` when single sublayers are removed (vLLM's no-op blocks:
-`vllm serve DIR --trust-remote-code`, the remote code being the config class alone),
-`llama_zeroed` (a plain Llama, removed sublayers as zero weights); `auto` picks `llama` or
+Formats (`finercut_jax/model/export_formats.py`): `llama` when whole blocks are removed
+(transformers and vLLM load it as a plain Llama), `decilm` when single sublayers are removed
+(vLLM's no-op blocks: `vllm serve DIR --trust-remote-code`, the remote code being the config class
+alone), `llama_zeroed` (a plain Llama, removed sublayers as zero weights); `auto` picks `llama` or
 `decilm`. `--ratio` defaults to the run's `search.ratio`; `--healed` exports the healed model of
 `finercut_jax.heal`. The exported directory loads here too (`finercut_jax.load_model(DIR)`).
-Multi-host runs start as `finercut_jax.main` does; process 0 writes.
+Multi-host runs start as `finercut_jax.main` does; process 0 writes. The job itself is
+`finercut_jax.jobs.export`.
 """
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
+from finercut_jax import jobs
 from finercut_jax.jobs import cli
-from finercut_jax.model.export_formats import DEFAULT_SHARD_BYTES, FORMATS
+from finercut_jax.model import FORMATS
+from finercut_jax.model.export_formats import DEFAULT_SHARD_BYTES
+from finercut_jax.parallel import distributed
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A run directory written by finercut_jax.main.")
-_RATIO = flags.DEFINE_float("ratio", None, "Which pruned model (a ratio of masks.json); default "
-                            "the run's search.ratio.")
+_RATIO = flags.DEFINE_float("ratio", None, "Which pruned model (one of the run's mask ratios); "
+                            "default the run's search.ratio.")
 _OUT = flags.DEFINE_string("out", None, "The new output directory (must not exist, or be empty).")
 _FORMAT = flags.DEFINE_enum("format", "auto", FORMATS, "The checkpoint format.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Weight dtype (bfloat16, float16, float32); default "
@@ -30,26 +32,13 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", DEFAULT_SHARD_BYTES / 1e9,
                                "Largest safetensors file, in GB.")
 
 
-def run(run_dir: str, out: str, ratio: float | None = None, **kwargs) -> str:
-  """Exports `ratio` of `run_dir` (every process of a multi-process job calls this)."""
-  from finercut_jax.rundir import atomic
-  from finercut_jax.model.export_formats import export_pruned
-  with cli.existing_run(run_dir):
-    if ratio is None:
-      ratio = atomic.read_json(os.path.join(run_dir, "config.json"), {}).get("search", {}).get("ratio")
-      if ratio is None:
-        raise FileNotFoundError(f"{run_dir}/config.json has no search.ratio: pass --ratio")
-    return export_pruned(run_dir, ratio, out, mesh=cli.run_mesh(run_dir), **kwargs)
-
-
 def main(argv):
   cli.start(argv)
   with cli.expected_errors():
-    import jax
-    fmt = run(_RUN_DIR.value, _OUT.value, _RATIO.value, fmt=_FORMAT.value, dtype=_DTYPE.value,
-              healed=_HEALED.value, max_shard_bytes=int(_SHARD_GB.value * 1e9))
-    if jax.process_index() == 0:
-      print(f"wrote {_OUT.value} ({fmt})")
+    fmt = jobs.export(_RUN_DIR.value, _OUT.value, _RATIO.value, fmt=_FORMAT.value,
+                      dtype=_DTYPE.value, healed=_HEALED.value,
+                      max_shard_bytes=int(_SHARD_GB.value * 1e9))
+    distributed.primary_print(f"wrote {_OUT.value} ({fmt})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from finercut_jax import main, search  # noqa: E402
+from finercut_jax import jobs, search  # noqa: E402
 from finercut_jax.jobs.settings import base_config  # noqa: E402
 
 
@@ -36,9 +36,9 @@ def _arm(point):
   second model's benchmarks)."""
   import orbax.checkpoint as ocp
 
+  from finercut_jax.evaluation import harness_tasks
   from finercut_jax.model import checkpoint
   from finercut_jax.scoring import scorer
-  from finercut_jax.evaluation import harness_tasks
   calls = {"n": 0}
 
   def nth(n, original):
@@ -80,7 +80,7 @@ def run():
     def greedy_search(*args, on_step=None, **kwargs):
       def step(record):
         on_step(record)
-        if record["step"] == kill:
+        if record.step == kill:
           os.kill(os.getpid(), signal.SIGKILL)
       return original(*args, on_step=step, **kwargs)
 
@@ -88,7 +88,7 @@ def run():
   if spec.get("kill_at"):
     _arm(spec["kill_at"])
   try:
-    main.run(config)
+    jobs.run_pruning(config)
   except (ValueError, FileNotFoundError) as e:  # as the CLI does
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

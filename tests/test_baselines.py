@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 
 import finercut_ref as R
-from finercut_jax import compare
-from finercut_jax.search import baselines
-from finercut_jax.model import checkpoint
-from finercut_jax.model import loading
+from finercut_jax import jobs
+from finercut_jax.model import checkpoint, loading
 from finercut_jax.model.modules import Llama
+from finercut_jax.search import baselines
 from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
 
 
@@ -80,16 +79,16 @@ def test_similarity_orderings(tiny):
   L = model.config.num_layers
 
   # ShortGPT: every block, by block influence 1 - cos, lowest first.
-  steps = baselines.shortgpt_steps(sim)
+  steps = R.as_json(baselines.shortgpt_steps(sim))
   assert [s["block"] for s in steps] == list(np.argsort(1 - block, kind="stable"))
   assert all(s["kind"] == "block" and s["sublayers"] == [2 * s["block"], 2 * s["block"] + 1]
              for s in steps)
   np.testing.assert_allclose([s["score"] for s in steps], np.sort(1 - block), atol=1e-5)
 
   # LLM-Drop: attention sublayers only; the joint variant ranks every sublayer.
-  attn = baselines.llm_drop_steps(sim)
+  attn = R.as_json(baselines.llm_drop_steps(sim))
   assert [s["sublayer"] for s in attn] == [2 * l for l in np.argsort(1 - sub[:, 0], kind="stable")]
-  joint = baselines.llm_drop_steps(sim, joint=True)
+  joint = R.as_json(baselines.llm_drop_steps(sim, joint=True))
   assert [s["sublayer"] for s in joint] == list(np.argsort(1 - sub.reshape(-1), kind="stable"))
 
   # Gromov et al.: for every n, the contiguous run of n blocks with the least distance.
@@ -98,7 +97,8 @@ def test_similarity_orderings(tiny):
     first, distance = baselines.gromov_run(sim, n)
     assert first == int(np.argmin(distances)), n
     assert distance == pytest.approx(min(distances), abs=1e-4)
-    assert [s["block"] for s in baselines.gromov_steps(sim, n)] == list(range(first, first + n))
+    assert [s["block"] for s in R.as_json(baselines.gromov_steps(sim, n))] == list(
+        range(first, first + n))
 
 
 def test_units_removed_and_bad_ratios():
@@ -111,13 +111,13 @@ def test_units_removed_and_bad_ratios():
   with pytest.raises(ValueError, match="attention sublayers only"):
     baselines.units_removed(get("llm_drop"), 0.6, 30)
   with pytest.raises(ValueError, match="unknown method 'shortgtp'"):
-    compare.parse_methods("finercut,shortgtp")
-  assert compare.parse_methods("all") == list(baselines.METHODS)
+    jobs.parse_methods("finercut,shortgtp")
+  assert jobs.parse_methods("all") == list(baselines.METHODS)
   # Random orders: seeded, a permutation of every unit.
-  a, b = (baselines.random_steps(4, "sublayers", s) for s in (0, 1))
+  a, b = (R.as_json(baselines.random_steps(4, "sublayers", s)) for s in (0, 1))
   assert sorted(s["sublayer"] for s in a) == list(range(8))
   assert [s["sublayer"] for s in a] != [s["sublayer"] for s in b]
-  assert a == baselines.random_steps(4, "sublayers", 0)
+  assert a == R.as_json(baselines.random_steps(4, "sublayers", 0))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -138,8 +138,8 @@ def comparison(tmp_path_factory):
   config.eval.perplexity.num_tokens = 64
   out = str(root / "comparison")
   logs = []
-  result = compare.run(config, ratios=(0.25, 0.5), seeds=(0, 1), limit=4, comparison_dir=out,
-                       log=logs.append)
+  result = jobs.run_comparison(config, ratios=(0.25, 0.5), seeds=(0, 1), limit=4,
+                               comparison_dir=out, log=logs.append)
   return config, out, result, logs
 
 
@@ -217,8 +217,8 @@ def test_comparison_rerun_reuses_and_refuses_other_inputs(comparison, tmp_path):
   stamp = {name: os.path.getmtime(os.path.join(out, name, "ranking.json"))
            for name in baselines.METHODS}
   logs = []
-  again = compare.run(config, ratios=(0.25, 0.5), seeds=(0, 1), limit=4, comparison_dir=out,
-                      log=logs.append)
+  again = jobs.run_comparison(config, ratios=(0.25, 0.5), seeds=(0, 1), limit=4,
+                              comparison_dir=out, log=logs.append)
   assert again["methods"] == result["methods"]
   assert {name: os.path.getmtime(os.path.join(out, name, "ranking.json"))
           for name in baselines.METHODS} == stamp
@@ -228,16 +228,16 @@ def test_comparison_rerun_reuses_and_refuses_other_inputs(comparison, tmp_path):
   other_tokens = json.loads(config.to_json())
   config2 = type(config)(other_tokens)
   config2.data.seq_len = 12
-  with pytest.raises(compare.ComparisonError, match="other calibration tokens"):
-    compare.run(config2, ratios=(0.25,), methods=["shortgpt"], limit=4, comparison_dir=out)
+  with pytest.raises(jobs.ComparisonError, match="other calibration tokens"):
+    jobs.run_comparison(config2, ratios=(0.25,), methods=["shortgpt"], limit=4, comparison_dir=out)
   other_model = save_hf_model(make_hf_model("gqa_tied", seed=4, num_layers=4), tmp_path / "m")
   make_tokenizer(other_model)
   config3 = type(config)(json.loads(config.to_json()))
   config3.model.path = other_model
-  with pytest.raises(compare.ComparisonError, match="another model"):
-    compare.run(config3, ratios=(0.25,), methods=["shortgpt"], limit=4, comparison_dir=out)
+  with pytest.raises(jobs.ComparisonError, match="another model"):
+    jobs.run_comparison(config3, ratios=(0.25,), methods=["shortgpt"], limit=4, comparison_dir=out)
   assert sorted(os.listdir(out)) == before
   with pytest.raises(ValueError, match="rounds to zero whole blocks"):
-    compare.run(config, ratios=(0.05,), methods=["sleb"], limit=4,
+    jobs.run_comparison(config, ratios=(0.05,), methods=["sleb"], limit=4,
                 comparison_dir=str(tmp_path / "new"))
   assert not os.path.exists(tmp_path / "new")

@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks.processes import free_port, wait_all
 from finercut_jax.model import checkpoint
+from finercut_jax.rundir import RunDir
 from test_main import job_assets, job_config  # noqa: F401  (the tiny checkpoint fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -210,25 +211,24 @@ def test_incomplete_distributed_settings_are_refused(monkeypatch):
 
 
 def test_mesh_that_does_not_fit_the_devices_fails_first(job_assets, tmp_path):
-  from finercut_jax import main
+  from finercut_jax import jobs
   model_dir, _, text = job_assets
   config = job_config(model_dir, text, tmp_path / "run")
   config.scorer.mesh_cand = 0
   config.scorer.mesh_model = 3  # the test session has 8 devices
   with pytest.raises(ValueError, match=r"model axis 3 \(scorer.mesh_model\) does not divide the 8 "
                                        r"devices of this job \(1 process"):
-    main.run(config)
+    jobs.run_pruning(config)
   assert not (tmp_path / "run").exists()
 
 
 def test_a_refusal_on_process_0_stops_every_process(job_assets, tmp_path):
   """Only process 0 takes the run directory's lock: its refusal must reach the others, which
   would otherwise wait for it at the next collective forever."""
-  from finercut_jax.rundir import atomic
   model_dir, _, text = job_assets
   run_dir = tmp_path / "run"
   run_dir.mkdir()
-  with atomic.run_lock(str(run_dir)):
+  with RunDir(str(run_dir)).lock():
     codes, outputs = finish(start(distributed_config(model_dir, text, run_dir), 2), timeout=300)
   assert codes == [2, 2], outputs
   for out in outputs:

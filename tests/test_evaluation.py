@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from finercut_jax.model.architecture import LlamaConfig
-from finercut_jax.evaluation import harness_tasks, decode, perplexity, plots
+from finercut_jax.evaluation import decode, harness_tasks, perplexity, plots
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig, encode_pair, loglikelihood_tokens
+from finercut_jax.model.architecture import LlamaConfig
 from finercut_jax.model.modules import forward, param_shapes
+from finercut_jax.rundir import RunDir
 
 TINY = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, rope_theta=500.0, tie_embeddings=False)
@@ -282,7 +283,7 @@ def test_prompts_and_metrics_match_lm_eval_tasks(tmp_path, hf_datasets_cache):
     # Metrics: feed both sides the same random log-likelihoods.
     lls = [(float(rng.normal(-10, 3)), False) for _ in theirs]
     metrics, _ = harness_tasks.score_docs(name, ours, lls)
-    per_doc, k = [], 0
+    per_doc = []
     for doc_id in range(n_docs):
       res = [lls[j] for j, inst in enumerate(theirs) if inst.doc_id == doc_id]
       per_doc.append(task.process_results(task.eval_docs[doc_id], res))
@@ -331,9 +332,10 @@ def test_chosen_answers_match_pytorch(smollm2):
   """First documents of PIQA, ARC-Easy and HellaSwag: the JAX model's log-likelihoods and chosen
   answers equal lm-eval's HFLM scoring the same requests with transformers' PyTorch model."""
   torch = pytest.importorskip("torch")
-  from transformers import AutoModelForCausalLM
   from lm_eval.api.instance import Instance
   from lm_eval.models.huggingface import HFLM
+  from transformers import AutoModelForCausalLM
+
   from finercut_jax.model.loading import resolve_default_model
   model, tokenizer = smollm2
   path = resolve_default_model()
@@ -385,6 +387,7 @@ def family_with_tokenizer(request, tiny_with_tokenizer):
 def test_lm_eval_adapter_simple_evaluate(tmp_path, family_with_tokenizer, hf_datasets_cache):
   import lm_eval
   from lm_eval.tasks import TaskManager
+
   from finercut_jax.evaluation.lm_eval_adapter import JaxLM
   cfg, params, tokenizer = family_with_tokenizer
   keep = np.array([[1, 1], [0, 1], [1, 0]], bool)
@@ -503,7 +506,7 @@ def test_plots_from_synthetic_run(tmp_path):
               "benchmarks": {"piqa": {"value": 0.4}, "boolq": {"value": 0.2}}}}}
   steps = plots.removal_steps(ranking, L)
   assert steps[4, 1] == 1 and steps[3, 1] == 2 and steps[0, 1] == 6 and steps[0, 0] == 0
-  made = plots.make_plots(str(tmp_path), ranking, masks, results)
+  made = plots.make_plots(RunDir(str(tmp_path)), ranking, masks, results)
   assert set(made) == {"layer_map", "scores", "metrics_vs_ratio"}
   for path in made.values():
     with open(path, "rb") as f:
@@ -515,10 +518,10 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   """A run directory with a tiny HF checkpoint as its source: dense, a checkpointed ratio and a
   mask-only ratio are evaluated; results, plots and the report are written."""
   pytest.importorskip("torch")
-  from hf_tiny import make_hf_model, save_hf_model
-  from finercut_jax.model import checkpoint
   from finercut_jax.evaluation.run import default_eval_config, evaluate_run
+  from finercut_jax.model import checkpoint
   from finercut_jax.model.loading import load_model
+  from hf_tiny import make_hf_model, save_hf_model
   _, _, tokenizer = tiny_with_tokenizer
   src = tmp_path / "source"
   save_hf_model(make_hf_model("gqa_tied", vocab_size=49152, hidden_size=32, intermediate_size=48,
@@ -540,7 +543,7 @@ def test_evaluate_run_end_to_end(tmp_path, tiny_with_tokenizer):
   stream = token_stream(tokenizer, "packaged")
   np.save(run / "calibration_tokens.npy", stream[:64].reshape(2, 32))
   dense, tok = load_model(str(src))
-  checkpoint.save_pruned(checkpoint.pruned_dir(str(run), 0.25), dense.config, dense.params(),
+  checkpoint.save_pruned(RunDir(str(run)).checkpoint_dir(0.25), dense.config, dense.params(),
                          np.asarray(masks["0.25"]), tokenizer=tok, source=str(src))
   c = default_eval_config()
   c.tasks = "piqa"

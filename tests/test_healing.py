@@ -1,4 +1,4 @@
-"""Healing: LoRA and partial fine-tuning of pruned models (finercut_jax.healing.run, .heal).
+"""Healing: LoRA and partial fine-tuning of pruned models (finercut_jax.healing, .heal).
 
 Gradients are checked against central finite differences of the same loss (float32: a step of
 1e-2 along a random unit direction gives a truncation error O(h^2) ~1e-4 relative and a rounding
@@ -19,9 +19,11 @@ from flax import nnx
 
 import finercut_ref as R
 from finercut_jax import healing
-from finercut_jax.healing import run as healing_run
+from finercut_jax.healing import data as healing_data
+from finercut_jax.healing import trainer as healing_trainer
 from finercut_jax.model.modules import Llama
 from finercut_jax.parallel.sharding import make_mesh
+from finercut_jax.rundir import RunDir
 from test_main import job_assets, job_config, text_lines  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +83,7 @@ def test_gradients_match_finite_differences(method):
   mask = jnp.ones((2, 10), bool)
 
   def loss(t):
-    return healing_run._sum_loss(nnx.merge(graphdef, t, rest), tokens, mask)
+    return healing_trainer._sum_loss(nnx.merge(graphdef, t, rest), tokens, mask)
 
   grads = jax.grad(loss)(trainable)
   leaves, treedef = jax.tree.flatten(trainable)
@@ -135,14 +137,14 @@ def test_overlap_with_protected_text_is_refused():
 @pytest.fixture(scope="module")
 def pruned_run(job_assets, tmp_path_factory):  # noqa: F811
   """A finished tiny search run (pruned checkpoints at 0.25 and 0.5), with enough text."""
-  from finercut_jax import main
+  from finercut_jax import jobs
   model_dir, _, _ = job_assets
   root = tmp_path_factory.mktemp("heal")
   text = root / "text.txt"
   text.write_text("\n".join(text_lines(400)) + "\n")
   c = job_config(model_dir, str(text), root / "run")
   c.eval.enabled = False
-  main.run(c)
+  jobs.run_pruning(c)
   return str(root / "run")
 
 
@@ -210,9 +212,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pruned_run, tmp_path)
       healing.heal_run(run, 0.5, small_heal(), progress=False, log=lambda *_: None)
   finally:
     healing.Trainer.step = original
-  train_dir = os.path.join(healing.healed_dir(run, 0.5), "train")
+  train_dir = RunDir(run).healing_train_dir(0.5)
   assert sorted(int(d) for d in os.listdir(train_dir) if d.isdigit()) == [2]
-  assert not os.path.exists(os.path.join(healing.healed_dir(run, 0.5), "model.json"))
+  assert not os.path.exists(os.path.join(RunDir(run).checkpoint_dir(0.5, healed=True),
+                                         "model.json"))
 
 
 def test_heal_command_and_evaluation_report(pruned_run, tmp_path):
@@ -232,11 +235,11 @@ def test_heal_command_and_evaluation_report(pruned_run, tmp_path):
                          "--ratio=0.5", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  eight = json.load(open(os.path.join(healing.healed_dir(run, 0.5), "healing.json")))
+  eight = json.load(open(RunDir(run).healing_record_file(0.5)))
   one_run = copy_run(pruned_run, tmp_path / "one")
   c = small_heal(steps=4, batch_size=8, micro_batch=8, eval_every=2, method="partial")
   healing.heal_run(one_run, 0.5, c, mesh=make_mesh(1, 1), progress=False, log=lambda *_: None)
-  one = json.load(open(os.path.join(healing.healed_dir(one_run, 0.5), "healing.json")))
+  one = json.load(open(RunDir(one_run).healing_record_file(0.5)))
   np.testing.assert_allclose([s["loss"] for s in eight["steps"]],
                              [s["loss"] for s in one["steps"]], rtol=1e-4)
   # Bad input: one line, exit code 2.
@@ -261,7 +264,7 @@ def test_alpaca_records_train_on_the_response_only(job_assets, tmp_path):  # noq
              {"instruction": "the cat", "input": "sat on", "output": "the mat"}]
   path = tmp_path / "alpaca.json"
   path.write_text(json.dumps(records))
-  tokens, mask = healing_run._alpaca_windows(tokenizer, str(path), 64)
+  tokens, mask = healing_data._alpaca_windows(tokenizer, str(path), 64)
   assert tokens.shape == (2, 64)
   for row, m, r in zip(tokens, mask, records):
     response = encode(tokenizer, r["output"], add_special_tokens=False)
@@ -269,4 +272,4 @@ def test_alpaca_records_train_on_the_response_only(job_assets, tmp_path):  # noq
     assert targets[:len(response)].tolist() == response
   (tmp_path / "bad.json").write_text('{"not": "a list"}')
   with pytest.raises(ValueError, match="JSON list of"):
-    healing_run._alpaca_windows(tokenizer, str(tmp_path / "bad.json"), 64)
+    healing_data._alpaca_windows(tokenizer, str(tmp_path / "bad.json"), 64)

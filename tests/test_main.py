@@ -20,12 +20,12 @@ import pytest
 
 import finercut_jax
 import finercut_ref as R
-from finercut_jax import data, main
-from finercut_jax.model import checkpoint
+from finercut_jax import data, jobs
 from finercut_jax import search as search_module
 from finercut_jax.jobs.settings import base_config
-from finercut_jax.model.modules import param_shapes
-from finercut_jax.model.modules import sublayer_param_names
+from finercut_jax.model import checkpoint
+from finercut_jax.model.modules import param_shapes, sublayer_param_names
+from finercut_jax.rundir import RunDir
 from hf_tiny import WORDS, make_hf_model, make_tokenizer, save_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_load_pruned_from_run_dir(tmp_path):
   cfg, params, tokens = R.tiny_model()
   keep = MASKS["some removed"]
   run_dir = str(tmp_path / "run")
-  checkpoint.save_pruned(checkpoint.pruned_dir(run_dir, 0.25), cfg, params, keep)
+  checkpoint.save_pruned(RunDir(run_dir).checkpoint_dir(0.25), cfg, params, keep)
   assert os.path.isdir(os.path.join(run_dir, "pruned", "ratio_0.25", "params"))
   model, _ = checkpoint.load_pruned(run_dir, 0.25)
   want = R._forward(params, cfg, jnp.asarray(tokens), jnp.asarray(keep))
@@ -147,13 +147,13 @@ class Interrupt(Exception):
 
 @contextlib.contextmanager
 def interrupted_search(at_step: int):
-  """`main.run` in the block stops with Interrupt once greedy step `at_step` is recorded."""
+  """`jobs.run_pruning` in the block stops with Interrupt once greedy step `at_step` is recorded."""
   original = search_module.greedy_search
 
   def interrupted(*args, on_step=None, **kwargs):
     def stop(record):
       on_step(record)
-      if record["step"] == at_step:
+      if record.step == at_step:
         raise Interrupt
     return original(*args, on_step=stop, **kwargs)
 
@@ -172,13 +172,13 @@ def test_main_job_end_to_end(job_assets, tmp_path):
 
   # First run: interrupted after 2 of the 6 steps.
   with interrupted_search(at_step=1):
-    main.run(config)
+    jobs.run_pruning(config)
   partial = json.loads((run_dir / "search_state.json").read_text())["steps"]
   assert len(partial) == 2
   assert not (run_dir / "ranking.json").exists()
 
   # Second run: resumes and finishes.
-  assert main.run(config) == str(run_dir)
+  assert jobs.run_pruning(config).path == str(run_dir)
   for name in ("config.json", "calibration_tokens.npy", "ranking.json", "masks.json",
                "search_state.json"):
     assert (run_dir / name).is_file(), name
@@ -250,7 +250,7 @@ def test_bad_input_is_refused_before_writing(job_assets, tmp_path):
   run_dir = tmp_path / "run"
   for what, config, words in bad_configs(model_dir, text, run_dir):
     with pytest.raises((ValueError, FileNotFoundError)) as e:  # what main prints as one line
-      main.run(config)
+      jobs.run_pruning(config)
     message = str(e.value)
     assert "\n" not in message, (what, message)
     for word in words:

@@ -20,13 +20,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import finercut_ref as R
-from finercut_jax import main
-from finercut_jax.model import checkpoint
-from finercut_jax.scoring import divergence
-from finercut_jax.rundir import atomic
+from finercut_jax import jobs
 from finercut_jax import search as search_module
 from finercut_jax.evaluation.run import default_eval_config, evaluate_run
+from finercut_jax.model import checkpoint
 from finercut_jax.model.modules import Llama
+from finercut_jax.rundir import RunDir
+from finercut_jax.scoring import divergence
 from finercut_jax.scoring.scorer import NonFiniteError, Scorer
 from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
 from test_distributed import finish, start
@@ -48,14 +48,15 @@ def edit_tensor(model_dir, name, fn):
 
 
 def refused(config, *words):
-  """main.run(config) fails with one line holding `words`, and the run directory is untouched."""
+  """jobs.run_pruning(config) fails with one line holding `words`, and the run directory is
+  untouched."""
   run_dir = config.run_dir
   before = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else None
   # (`.lock` records who holds the directory: a refused job may have held it, briefly.)
   contents = {n: open(os.path.join(run_dir, n), "rb").read() for n in before or []
               if os.path.isfile(os.path.join(run_dir, n)) and n != ".lock"}
   with pytest.raises(ERRORS) as e:
-    main.run(config)
+    jobs.run_pruning(config)
   message = str(e.value)
   assert "\n" not in message, message
   for word in words:
@@ -129,7 +130,7 @@ def test_nan_logits_give_nan_terms(metric):
 def finished_run(job_assets, tmp_path):
   model_dir, _, text = job_assets
   config = job_config(model_dir, text, tmp_path / "run")
-  main.run(config)
+  jobs.run_pruning(config)
   return config
 
 
@@ -149,9 +150,9 @@ def test_tokenizer_larger_than_the_vocabulary(tmp_path, job_assets):
 
 
 def test_one_job_per_run_directory(finished_run):
-  with atomic.run_lock(finished_run.run_dir):
+  with RunDir(finished_run.run_dir).lock():
     refused(finished_run, "is in use by another job", f"pid {os.getpid()}")
-  main.run(finished_run)  # released: the same job runs again (nothing to score)
+  jobs.run_pruning(finished_run)  # released: the same job runs again (nothing to score)
 
 
 def test_swapped_weights_do_not_resume(job_assets, tmp_path):
@@ -159,7 +160,7 @@ def test_swapped_weights_do_not_resume(job_assets, tmp_path):
   model = copy_model(model_dir, tmp_path / "model")
   config = job_config(model, text, tmp_path / "run")
   with interrupted_search(at_step=1):
-    main.run(config)
+    jobs.run_pruning(config)
   edit_tensor(model, "model.layers.0.self_attn.q_proj.weight", lambda w: w * 1.01)
   refused(config, "holds a different search", "weights")
 
@@ -327,6 +328,7 @@ def test_cli_errors_are_one_line(module, args, words):
 
 def test_full_disk_is_one_line(monkeypatch, capsys):
   import errno
+
   from finercut_jax.jobs import cli as cli_module
 
   def full(*_):

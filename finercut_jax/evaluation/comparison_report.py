@@ -13,6 +13,9 @@ import os
 import numpy as np
 
 from finercut_jax.evaluation.harness_tasks import DISPLAY, PAPER_METRIC
+from finercut_jax.evaluation.plots import pyplot
+from finercut_jax.rundir import COMPARISON_PLOTS, ComparisonDir
+from finercut_jax.search.baselines import get_method, units_removed
 
 
 def _model_summary(entry: dict, tasks: list[str]) -> dict:
@@ -58,7 +61,6 @@ def _over_seeds(runs: list[dict]) -> dict:
 
 def summarize(job, dense: dict, evaluations: dict, directories: dict, ratios, eval_config) -> dict:
   """comparison.json's content from the dense entry and each method's `evaluate_run` results."""
-  from finercut_jax.search.baselines import get_method, units_removed
   tasks = [t.strip() for t in str(eval_config.tasks).split(",") if t.strip()]
   L = job.model_cfg.num_layers
   dense_summary = _model_summary(dense, tasks)
@@ -137,20 +139,22 @@ def render(result: dict) -> str:
     lines.append("")
   lines += ["## Methods", ""] + [f"- `{n}`: {m['description']} (unit: {m['unit']})"
                                  for n, m in result["methods"].items()]
-  lines += ["", "![average accuracy](accuracy_vs_ratio.png)",
-            "![perplexity](perplexity_vs_ratio.png)", "![layer maps](layer_maps.png)", ""]
+  lines += ["", f"![average accuracy]({COMPARISON_PLOTS['average']})",
+            f"![perplexity]({COMPARISON_PLOTS['perplexity']})",
+            f"![layer maps]({COMPARISON_PLOTS['layer_maps']})", ""]
   return "\n".join(lines)
 
 
-def plot(result: dict, directory: str, masks: dict) -> None:
+def plot(result: dict, directory: ComparisonDir, masks: dict) -> None:
   """Average accuracy and perplexity against the ratio (one line per method, dense dashed), and
-  every method's removed sublayers at every ratio side by side."""
-  from finercut_jax.evaluation.plots import _pyplot
-  plt = _pyplot()
+  every method's removed sublayers at every ratio side by side.
+
+  masks: {method: {ratio: keep, bool [L, 2]}}.
+  """
+  plt = pyplot()
   ratios = result["ratios"]
-  for key, ylabel, fname, log in (("average", "average accuracy", "accuracy_vs_ratio.png", False),
-                                  ("perplexity", "held-out perplexity", "perplexity_vs_ratio.png",
-                                   True)):
+  for key, ylabel, log in (("average", "average accuracy", False),
+                           ("perplexity", "held-out perplexity", True)):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, m in result["methods"].items():
       pts = [(0.0, result["dense"][key])] + [(r, m["ratios"][f"{r:g}"].get(key)) for r in ratios]
@@ -166,7 +170,7 @@ def plot(result: dict, directory: str, masks: dict) -> None:
     ax.set_ylabel(ylabel)
     ax.set_xticks([0.0] + list(ratios))
     ax.legend(fontsize=7, ncol=2)
-    fig.savefig(os.path.join(directory, fname), dpi=120, bbox_inches="tight")
+    fig.savefig(directory.plot_file(key), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
   names = list(masks)
@@ -187,14 +191,11 @@ def plot(result: dict, directory: str, masks: dict) -> None:
       if i == len(names) - 1:
         ax.set_xlabel(f"block 0 .. {L - 1}", fontsize=6)
   fig.suptitle("Removed sublayers (red) per method and ratio", fontsize=9)
-  fig.savefig(os.path.join(directory, "layer_maps.png"), dpi=120, bbox_inches="tight")
+  fig.savefig(directory.plot_file("layer_maps"), dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
-def write(directory: str, result: dict) -> None:
-  from finercut_jax.rundir.atomic import atomic_write_bytes, atomic_write_json, read_json
-  masks = {name: read_json(os.path.join(directory, name, "masks.json"))
-           for name in result["methods"]}
-  plot(result, directory, masks)
-  atomic_write_json(os.path.join(directory, "comparison.json"), result)
-  atomic_write_bytes(os.path.join(directory, "comparison.md"), render(result).encode())
+def write(directory: ComparisonDir, result: dict) -> None:
+  """comparison.json, comparison.md and the pictures."""
+  plot(result, directory, directory.read_method_masks(result["methods"]))
+  directory.write_report(result, render(result))

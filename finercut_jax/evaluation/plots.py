@@ -7,10 +7,13 @@ import os
 
 import numpy as np
 
-KIND_ROWS = ("attn", "ffn")
+from finercut_jax.evaluation.harness_tasks import DISPLAY
+from finercut_jax.rundir import Ranking, RunDir
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's `pyplot` on the Agg backend (PNG files, no display)."""
+  # lazy: matplotlib loads only when a picture is drawn, and its backend is chosen before pyplot
   import matplotlib
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt
@@ -19,7 +22,10 @@ def _pyplot():
 
 def removal_steps(ranking: dict, num_layers: int) -> np.ndarray:
   """`[L, 2]` greedy step (1-based, in ranking order) at which each sublayer was removed; 0 =
-  never. A block-pool step removes both of a block's sublayers."""
+  never. A block-pool step removes both of a block's sublayers.
+
+  Returns int32 [num_layers, 2].
+  """
   steps = np.zeros((num_layers, 2), np.int32)
   for i, entry in enumerate(ranking.get("steps", [])):
     ids = entry.get("sublayers")
@@ -31,8 +37,11 @@ def removal_steps(ranking: dict, num_layers: int) -> np.ndarray:
 
 
 def layer_map(ranking: dict, masks: dict, path: str, title: str = "") -> str:
-  """Blocks on x, attention/FFN rows; per ratio, removed cells coloured by their greedy step."""
-  plt = _pyplot()
+  """Blocks on x, attention/FFN rows; per ratio, removed cells coloured by their greedy step.
+
+  masks: {ratio: keep, bool [L, 2]}.
+  """
+  plt = pyplot()
   ratios = sorted(masks, key=float)
   L = int(ranking.get("num_layers") or len(masks[ratios[0]]))
   steps = removal_steps(ranking, L)
@@ -58,7 +67,7 @@ def layer_map(ranking: dict, masks: dict, path: str, title: str = "") -> str:
   axes[-1, 0].set_xlabel("block")
   fig.suptitle(title or "Removed sublayers (colour: greedy step of removal; grey: kept)",
                fontsize=10)
-  from matplotlib.ticker import MaxNLocator
+  from matplotlib.ticker import MaxNLocator  # lazy: matplotlib, as in `pyplot`
   bar = fig.colorbar(image, ax=axes[:, 0].tolist(), label="greedy step", fraction=0.03)
   bar.locator = MaxNLocator(integer=True)
   bar.update_ticks()
@@ -68,8 +77,11 @@ def layer_map(ranking: dict, masks: dict, path: str, title: str = "") -> str:
 
 
 def score_per_step(ranking: dict, path: str, masks: dict | None = None) -> str:
-  """The score of the removed candidate at each greedy step, attention and FFN marked apart."""
-  plt = _pyplot()
+  """The score of the removed candidate at each greedy step, attention and FFN marked apart.
+
+  masks: {ratio: keep, bool [L, 2]}, marked as cuts.
+  """
+  plt = pyplot()
   steps = ranking.get("steps", [])
   x = np.arange(1, len(steps) + 1)
   scores = np.asarray([float(s["score"]) for s in steps]) if steps else np.zeros(0)
@@ -101,7 +113,7 @@ def score_per_step(ranking: dict, path: str, masks: dict | None = None) -> str:
 
 def plot_healing(history: dict, path: str) -> str:
   """A healing run's training loss per step and its held-out loss."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 3.6))
   steps = history.get("steps", [])
   if steps:
@@ -123,8 +135,7 @@ def plot_healing(history: dict, path: str) -> str:
 def metrics_vs_ratio(results: dict, path: str) -> str:
   """Benchmark average (and each task, faint) and held-out perplexity against the ratio, with
   the dense model as a reference line."""
-  from finercut_jax.evaluation.harness_tasks import DISPLAY
-  plt = _pyplot()
+  plt = pyplot()
   models = results["models"]
   dense = models.get("dense", {})
   pruned = sorted((m for k, m in models.items() if k != "dense"), key=lambda m: m["ratio"])
@@ -171,17 +182,19 @@ def metrics_vs_ratio(results: dict, path: str) -> str:
   return path
 
 
-def make_plots(run_dir: str, ranking: dict | None, masks: dict, results: dict | None,
+def make_plots(run: RunDir, ranking: Ranking | dict | None, masks: dict, results: dict | None,
                model_name: str | None = None) -> dict:
-  """Every picture a run supports; returns {name: path}."""
+  """Every picture a run supports; returns {name: path}. `ranking`: a `Ranking` or ranking.json's
+  content; masks: {ratio: keep, bool [L, 2]}."""
+  if isinstance(ranking, Ranking):
+    ranking = ranking.to_json()
   out = {}
   if ranking is not None and masks:
     name = model_name or os.path.basename(str(ranking.get("model", "")))
-    out["layer_map"] = layer_map(ranking, masks, os.path.join(run_dir, "layer_map.png"),
+    out["layer_map"] = layer_map(ranking, masks, run.plot_file("layer_map"),
                                  f"{name}: removed sublayers (colour: greedy step; grey: kept)")
   if ranking is not None and ranking.get("steps"):
-    out["scores"] = score_per_step(ranking, os.path.join(run_dir, "score_per_step.png"), masks)
+    out["scores"] = score_per_step(ranking, run.plot_file("scores"), masks)
   if results is not None and results.get("models"):
-    out["metrics_vs_ratio"] = metrics_vs_ratio(results,
-                                               os.path.join(run_dir, "metrics_vs_ratio.png"))
+    out["metrics_vs_ratio"] = metrics_vs_ratio(results, run.plot_file("metrics_vs_ratio"))
   return out

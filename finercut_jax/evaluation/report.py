@@ -1,11 +1,10 @@
 """`report.md` of a run: what was removed, what it cost, what it bought, with the pictures."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from finercut_jax.evaluation.harness_tasks import DISPLAY, results_table
+from finercut_jax.rundir import HEALING_RECORD, Ranking
 
 
 def _fmt_int(n) -> str:
@@ -17,7 +16,12 @@ def _removed_blocks(keep) -> tuple[list[int], list[int]]:
   return (np.flatnonzero(~keep[:, 0]).tolist(), np.flatnonzero(~keep[:, 1]).tolist())
 
 
-def render(results: dict, ranking: dict | None = None, run_config: dict | None = None) -> str:
+def render(results: dict, ranking: Ranking | dict | None = None,
+           run_config: dict | None = None) -> str:
+  """report.md's text from eval_results.json's content, the ranking (a `Ranking` or
+  ranking.json's content) and the run's config.json."""
+  if isinstance(ranking, Ranking):
+    ranking = ranking.to_json()
   models = results["models"]
   ordered = [models["dense"]] if "dense" in models else []
   ordered += sorted((m for k, m in models.items() if k != "dense"), key=lambda m: m["ratio"])
@@ -110,7 +114,7 @@ def render(results: dict, ranking: dict | None = None, run_config: dict | None =
   if healed:
     lines += ["## Healing", "",
               "The pruned model fine-tuned with `python -m finercut_jax.heal` (settings in "
-              "`healed/ratio_<r>/healing.json`), evaluated as above.", "",
+              f"`{HEALING_RECORD}`), evaluated as above.", "",
               "| Ratio | Method | Steps | Held-out loss (during healing) | Perplexity | Average (%) |",
               "|---|---|---|---|---|---|"]
     by_ratio = {f"{m.get('ratio', 0):g}": m for m in ordered}
@@ -152,10 +156,3 @@ def _config_text(d: dict, indent: str = "") -> str:
     else:
       out.append(f"{indent}{k}: {v}")
   return "\n".join(out)
-
-
-def write_report(run_dir: str, results: dict, ranking=None, run_config=None) -> str:
-  from finercut_jax.rundir.atomic import atomic_write_bytes
-  path = os.path.join(run_dir, "report.md")
-  atomic_write_bytes(path, render(results, ranking, run_config).encode())
-  return path

@@ -18,7 +18,11 @@ from ml_collections import config_dict
 
 from finercut_jax.evaluation import harness_tasks, perplexity, plots, report, throughput
 from finercut_jax.evaluation.lm import EvalModel, ScoringConfig
+from finercut_jax.model import checkpoint, loading
+from finercut_jax.parallel import distributed
+from finercut_jax.rundir import Ranking, RunDir
 from finercut_jax.rundir.atomic import read_json
+from finercut_jax.rundir.sections import override_section
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -66,7 +70,6 @@ def default_eval_config() -> ml_collections.ConfigDict:
 def resolve_eval_config(eval_config=None) -> ml_collections.ConfigDict:
   """`default_eval_config()` overridden by whatever fields `eval_config` sets (a partial config,
   e.g. a job config's `eval` section holding only `enabled`, gets every other default)."""
-  from finercut_jax.jobs.cli import override_section
   return override_section(default_eval_config(), eval_config, "eval",
                           "finercut_jax/evaluation/run.py")
 
@@ -97,30 +100,24 @@ def run_eval_config(run_dir: str, overrides: dict | None = None) -> ml_collectio
   """The evaluation settings a run was configured with (its config.json's `eval` section),
   `overrides` (flat, dotted keys) on top. An explicit evaluation runs even if the run had
   evaluation disabled."""
-  run_config = read_json(os.path.join(run_dir, "config.json"))
-  if run_config is None:
-    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
-  config = resolve_eval_config(run_config.get("eval"))
+  config = resolve_eval_config(RunDir(run_dir).read_config().get("eval"))
   config.update_from_flattened_dict(dict(overrides or {}))
   config.enabled = True
   return config
 
 
-def heldout_for_run(run_config: dict, tokenizer, eval_config, run_dir: str | None = None
-                    ) -> tuple[np.ndarray, dict]:
-  """Held-out perplexity tokens for a run, and where they came from."""
+def heldout_for_run(run_config: dict, tokenizer, eval_config,
+                    calibration: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+  """Held-out perplexity tokens `int32 [n]` for a run, and where they came from. When the text
+  is the calibration source, it starts after the calibration tokens `calibration` `[N, T]`."""
   data_cfg = run_config.get("data", {})
   calib_source = data_cfg.get("source", "packaged")
   n, t = int(data_cfg.get("num_sequences", 10)), int(data_cfg.get("seq_len", 256))
   source = eval_config.perplexity.source or calib_source
   # The calibration set is the first N*T tokens of its source: start after it.
   offset = n * t if source == calib_source else 0
-  calibration = None
-  calib_path = os.path.join(run_dir, "calibration_tokens.npy") if run_dir else None
-  if offset and calib_path and os.path.isfile(calib_path):
-    calibration = np.load(calib_path)
   tokens = perplexity.heldout_tokens(tokenizer, source, offset, eval_config.perplexity.num_tokens,
-                                     calibration=calibration)
+                                     calibration=calibration if offset else None)
   return tokens, {"source": source, "offset": offset, "num_tokens": int(len(tokens)),
                   "seq_len": int(eval_config.perplexity.seq_len or t)}
 
@@ -133,7 +130,7 @@ def _task_limits(eval_config) -> dict:
   return limits
 
 
-def _settings(eval_config) -> dict:
+def result_settings(eval_config) -> dict:
   """What each stored result was computed with; a result is reused only under the same settings.
   Per task: its document limit and the harness's max_length; perplexity: its text and windows;
   throughput: its shapes and repeats."""
@@ -148,7 +145,7 @@ def _settings(eval_config) -> dict:
       if tp.enabled else None}
 
 
-def _pending(previous: dict | None, settings: dict) -> dict:
+def pending_work(previous: dict | None, settings: dict) -> dict:
   """What of one model's evaluation is not in `previous` under these settings."""
   previous = previous or {}
   stored = previous.get("benchmarks", {})
@@ -165,8 +162,8 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   """Perplexity and benchmarks of one model, as a JSON-ready dict. What `previous` (this model's
   earlier entry) holds under the same settings is reused, and what it holds for other tasks or
   settings is kept: results are merged, never discarded. Throughput: `throughput.measure`."""
-  settings = _settings(eval_config)
-  todo = _pending(previous, settings)
+  settings = result_settings(eval_config)
+  todo = pending_work(previous, settings)
   out: dict = {k: v for k, v in (previous or {}).items() if k not in ("seconds",)}
   out.update({"name": model.name, "num_params": model.num_params(),
               "num_removed": model.num_removed,
@@ -182,9 +179,10 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   tasks = list(settings["tasks"])
   merged = dict(out.get("benchmarks", {}))
   if todo["tasks"]:
-    results = harness_tasks.evaluate_tasks(model, tokenizer, todo["tasks"], _task_limits(eval_config),
-                                        scoring=scoring, log=log)
-    merged.update({t: {**r.summary(), "settings": settings["tasks"][t]} for t, r in results.items()})
+    results = harness_tasks.evaluate_tasks(model, tokenizer, todo["tasks"],
+                                           _task_limits(eval_config), scoring=scoring, log=log)
+    merged.update({t: {**r.summary(), "settings": settings["tasks"][t]}
+                   for t, r in results.items()})
   if merged:
     out["benchmarks"] = merged
   if tasks:
@@ -196,141 +194,146 @@ def evaluate_model(model: EvalModel, tokenizer, eval_config, *, heldout=None, sc
   return out
 
 
-def _load_model(run_dir, run_config, key, masks, mesh, dense_model):
-  """The model `key` ("dense" or a ratio of masks.json) and where it came from: the run's source
-  (dense), its pruned checkpoint, or, without one (config.checkpoint=False), the dense weights
-  pruned by the mask. Returns (EvalModel, tokenizer or None, source, the dense `Llama` to keep for
-  later mask-pruned ratios: only when the run wrote no checkpoints, else None)."""
-  from finercut_jax.model import checkpoint
-  if key == "dense":
-    dense, tokenizer = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)
-    # Kept only where a ratio has no checkpoint and is pruned from it: never a second copy else.
-    keep_dense = dense if not run_config.get("checkpoint", True) else None
-    return EvalModel.wrap(dense, "dense"), tokenizer, "source", keep_dense
-  name, keep = f"ratio {float(key):g}", np.asarray(masks[key], bool)
-  try:
-    pruned_model, tokenizer = checkpoint.load_pruned(run_dir, float(key), mesh=mesh)
-  except FileNotFoundError as e:
-    if run_config.get("checkpoint", True):
-      raise FileNotFoundError(f"{e}; the run writes pruned checkpoints, so this one is missing "
-                              f"or incomplete (an interrupted save?): rerun python -m "
-                              f"finercut_jax.main with this run's config to write it") from None
-    if dense_model is None:
-      dense_model = checkpoint.load_source_model(run_dir, mesh=mesh, run_config=run_config)[0]
-    return EvalModel(dense_model.prune(keep), name), None, "mask", dense_model
-  model = EvalModel.wrap(pruned_model, name)
-  if not np.array_equal(model.keep, keep):
-    raise ValueError(f"{run_dir}: the checkpoint's keep mask differs from masks.json at "
-                     f"ratio {key}")
-  return model, tokenizer, "checkpoint", None
+class _RunEvaluation:
+  """One evaluation of a run: what every model's evaluation needs (the run, its config, the
+  settings, the mesh), the tokenizer and held-out text, each made once when a model first needs
+  it (a model's checkpoint may carry the tokenizer; else the run's source model gives it), and
+  the results, written after each model so that an interrupted evaluation keeps what it did."""
 
-
-class _RunText:
-  """The tokenizer and held-out text of a run, each made once, when a model first needs it (a
-  model's checkpoint may carry the tokenizer; else the run's source model gives it)."""
-
-  def __init__(self, run_dir, run_config, eval_config):
-    self.run_dir, self.run_config, self.eval_config = run_dir, run_config, eval_config
+  def __init__(self, run: RunDir, run_config: dict, eval_config, results: dict, *, mesh, log):
+    self.run, self.run_config, self.eval_config = run, run_config, eval_config
+    self.results, self.mesh, self.log = results, mesh, log
+    self.settings = result_settings(eval_config)
+    self.scoring = scoring_config(eval_config.scoring)
     self._tokenizer, self._heldout = None, None
 
   def tokenizer(self, model_tokenizer=None):
     if self._tokenizer is None:
       self._tokenizer = model_tokenizer
     if self._tokenizer is None:
-      from finercut_jax.model.loading import load_tokenizer
-      self._tokenizer = load_tokenizer(self.run_config["model"]["path"])
+      self._tokenizer = loading.load_tokenizer(self.run_config["model"]["path"])
     return self._tokenizer
 
   def heldout(self):
     if self._heldout is None:
-      self._heldout = heldout_for_run(self.run_config, self.tokenizer(), self.eval_config,
-                                      self.run_dir)
+      calibration = distributed.on_primary(lambda: (
+          None if (t := self.run.read_tokens()) is None else t.tolist()))
+      self._heldout = heldout_for_run(
+          self.run_config, self.tokenizer(), self.eval_config,
+          None if calibration is None else np.asarray(calibration, np.int32))
     return self._heldout
 
+  def write(self) -> None:
+    """The results as they stand (a failed write stops every process, not only process 0)."""
+    distributed.on_primary(lambda: self.run.write_eval_results(self.results))
 
-def _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                     results, path, mesh, log, text: _RunText):
-  """Evaluates, one model at a time (each loaded onto `mesh`, evaluated, then freed), the dense
-  model and each ratio not in `done`, with its throughput."""
-  from finercut_jax.parallel import distributed
-  from finercut_jax.rundir.atomic import atomic_write_json
-  tp = eval_config.throughput
-  prompt, dense_model = None, None
-  settings = _settings(eval_config)
-  for key in ["dense"] + ratios:
-    previous = done.get(key)
-    todo = _pending(previous, settings)
-    if previous is not None and not (todo["tasks"] or todo["perplexity"] or todo["throughput"]):
-      log(f"  {previous['name']}: reusing the results in {path}")
-      record(key, previous)
-      continue
-    model, model_tokenizer, source, dense_model = _load_model(
-        run_dir, run_config, key, masks, mesh, dense_model)
-    if source == "mask":
-      log(f"  {model.name}: no pruned checkpoint (config.checkpoint=False): the dense weights "
-          f"pruned by the mask")
-    tokenizer = text.tokenizer(model_tokenizer)
-    heldout = text.heldout() if todo["perplexity"] else None
-    entry = {**evaluate_model(model, tokenizer, eval_config, heldout=heldout, scoring=scoring,
-                              log=log, previous=previous),
-             "ratio": 0.0 if key == "dense" else float(key), "source": source}
-    if todo["throughput"]:
-      if prompt is None:  # the same prompts for every model
-        prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size,
-                                                   (tp.batch_size, tp.prompt_len))
-      entry["throughput"] = {**throughput.measure(model, batch_size=tp.batch_size,
-                                                  prompt_len=tp.prompt_len,
-                                                  decode_steps=tp.decode_steps,
-                                                  repeats=tp.repeats, tokens=prompt),
-                             "settings": settings["throughput"]}
-      log(f"  {entry['name']}: prefill {entry['throughput']['prefill_tokens_per_s']:.1f} tok/s, "
-          f"decode {entry['throughput']['decode_tokens_per_s']:.1f} tok/s")
-    record(key, entry)
-    del model
-  dense_tp = results["models"].get("dense", {}).get("throughput")
-  for key, entry in results["models"].items():
-    if key != "dense" and dense_tp and "throughput" in entry:
-      entry["throughput_vs_dense"] = throughput.relative_to(dense_tp, entry["throughput"])
-  distributed.on_primary(lambda: atomic_write_json(path, results))
+  def evaluate(self, model: EvalModel, tokenizer, previous: dict | None, todo: dict) -> dict:
+    heldout = self.heldout() if todo["perplexity"] else None
+    return evaluate_model(model, tokenizer, self.eval_config, heldout=heldout,
+                          scoring=self.scoring, log=self.log, previous=previous)
+
+  def load_model(self, key: str, masks: dict, dense_model):
+    """The model `key` ("dense" or a ratio of masks.json) and where it came from: the run's
+    source (dense), its pruned checkpoint, or, without one (config.checkpoint=False), the dense
+    weights pruned by the mask. Returns (EvalModel, tokenizer or None, source, the dense `Llama`
+    to keep for later mask-pruned ratios: only when the run wrote no checkpoints, else None)."""
+    run, run_config, mesh = self.run, self.run_config, self.mesh
+    if key == "dense":
+      dense, tokenizer = checkpoint.load_source_model(run.path, mesh=mesh, run_config=run_config)
+      # Kept only where a ratio has no checkpoint and is pruned from it: never a second copy else.
+      keep_dense = dense if not run_config.get("checkpoint", True) else None
+      return EvalModel.wrap(dense, "dense"), tokenizer, "source", keep_dense
+    name, keep = f"ratio {float(key):g}", np.asarray(masks[key], bool)
+    try:
+      pruned_model, tokenizer = checkpoint.load_pruned(run.path, float(key), mesh=mesh)
+    except FileNotFoundError as e:
+      if run_config.get("checkpoint", True):
+        raise FileNotFoundError(f"{e}; the run writes pruned checkpoints, so this one is missing "
+                                f"or incomplete (an interrupted save?): rerun python -m "
+                                f"finercut_jax.main with this run's config to write it") from None
+      if dense_model is None:
+        dense_model = checkpoint.load_source_model(run.path, mesh=mesh, run_config=run_config)[0]
+      return EvalModel(dense_model.prune(keep), name), None, "mask", dense_model
+    model = EvalModel.wrap(pruned_model, name)
+    if not np.array_equal(model.keep, keep):
+      raise ValueError(f"{run}: the checkpoint's keep mask differs from "
+                       f"{os.path.basename(run.masks_file)} at ratio {key}")
+    return model, tokenizer, "checkpoint", None
+
+  def models(self, masks: dict, ratios: list[str], done: dict) -> None:
+    """Evaluates, one model at a time (each loaded onto the mesh, evaluated, then freed), the
+    dense model and each ratio not in `done`, with its throughput."""
+    tp, log, models = self.eval_config.throughput, self.log, self.results["models"]
+    prompt, dense_model = None, None
+    for key in ["dense"] + ratios:
+      previous = done.get(key)
+      todo = pending_work(previous, self.settings)
+      if previous is not None and not (todo["tasks"] or todo["perplexity"] or todo["throughput"]):
+        log(f"  {previous['name']}: reusing the results in {self.run.eval_results_file}")
+        models[key] = previous
+        self.write()
+        continue
+      model, model_tokenizer, source, dense_model = self.load_model(key, masks, dense_model)
+      if source == "mask":
+        log(f"  {model.name}: no pruned checkpoint (config.checkpoint=False): the dense weights "
+            f"pruned by the mask")
+      entry = {**self.evaluate(model, self.tokenizer(model_tokenizer), previous, todo),
+               "ratio": 0.0 if key == "dense" else float(key), "source": source}
+      if todo["throughput"]:
+        if prompt is None:  # the same prompts for every model
+          prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size,
+                                                     (tp.batch_size, tp.prompt_len))
+        entry["throughput"] = {**throughput.measure(model, batch_size=tp.batch_size,
+                                                    prompt_len=tp.prompt_len,
+                                                    decode_steps=tp.decode_steps,
+                                                    repeats=tp.repeats, tokens=prompt),
+                               "settings": self.settings["throughput"]}
+        log(f"  {entry['name']}: prefill {entry['throughput']['prefill_tokens_per_s']:.1f} "
+            f"tok/s, decode {entry['throughput']['decode_tokens_per_s']:.1f} tok/s")
+      models[key] = entry
+      self.write()
+      del model
+    dense_tp = models.get("dense", {}).get("throughput")
+    for key, entry in models.items():
+      if key != "dense" and dense_tp and "throughput" in entry:
+        entry["throughput_vs_dense"] = throughput.relative_to(dense_tp, entry["throughput"])
+    self.write()
+
+  def healed(self, ratios: list[str]) -> None:
+    """Evaluates the healed model of each ratio that has one (`finercut_jax.heal`), beside the
+    pruned one; a stored result (in `results["healed"]`) is reused only for the same healing run
+    and settings."""
+    healed = previous = self.results["healed"]
+    for key in ratios:
+      directory = self.run.checkpoint_dir(float(key), healed=True)
+      meta = distributed.on_primary(lambda: checkpoint.read_meta(directory))
+      if meta is None or "healing" not in meta:
+        continue
+      stored = previous.get(key)
+      if stored is not None and stored.get("healing") != meta["healing"]:
+        stored = None  # another healing run: nothing of it is reusable
+      todo = pending_work(stored, dict(self.settings, throughput=None))
+      if stored is not None and not (todo["tasks"] or todo["perplexity"]):
+        healed[key] = stored
+        self.write()
+        continue
+      model, model_tokenizer = checkpoint.restore_pruned(directory, mesh=self.mesh)
+      history = distributed.on_primary(
+          lambda: read_json(self.run.healing_record_file(float(key)), {}))
+      held = history.get("heldout", [])
+      healed[key] = {
+          **self.evaluate(EvalModel(model, f"ratio {float(key):g} healed"),
+                          self.tokenizer(model_tokenizer), stored, todo),
+          "ratio": float(key), "source": "healed", "healing": meta["healing"],
+          "healing_loss": {"heldout_before": held[0]["loss"] if held else None,
+                           "heldout_after": held[-1]["loss"] if held else None,
+                           "steps": len(history.get("steps", []))}}
+      self.write()
+      del model
 
 
-def _evaluate_healed(run_dir, eval_config, ratios, previous, scoring, record, mesh, log,
-                     text: _RunText):
-  """Evaluates the healed model of each ratio that has one (`finercut_jax.heal`), beside the
-  pruned one; a stored result is reused only for the same healing run and settings."""
-  from finercut_jax.model import checkpoint
-  from finercut_jax.parallel import distributed
-  settings = _settings(eval_config)
-  for key in ratios:
-    directory = os.path.join(run_dir, "healed", checkpoint.ratio_name(float(key)))
-    meta = distributed.on_primary(lambda: read_json(os.path.join(directory, "model.json")))
-    if meta is None or "healing" not in meta:
-      continue
-    stored = previous.get(key)
-    if stored is not None and stored.get("healing") != meta["healing"]:
-      stored = None  # another healing run: nothing of it is reusable
-    todo = _pending(stored, dict(settings, throughput=None))
-    if stored is not None and not (todo["tasks"] or todo["perplexity"]):
-      record(key, stored)
-      continue
-    model, model_tokenizer = checkpoint.restore_pruned(directory, mesh=mesh)
-    tokenizer = text.tokenizer(model_tokenizer)
-    heldout = text.heldout() if todo["perplexity"] else None
-    history = distributed.on_primary(lambda: read_json(os.path.join(directory, "healing.json"),
-                                                       {}))
-    held = history.get("heldout", [])
-    entry = {**evaluate_model(EvalModel(model, f"ratio {float(key):g} healed"), tokenizer,
-                              eval_config, heldout=heldout, scoring=scoring, log=log,
-                              previous=stored),
-             "ratio": float(key), "source": "healed", "healing": meta["healing"],
-             "healing_loss": {"heldout_before": held[0]["loss"] if held else None,
-                              "heldout_after": held[-1]["loss"] if held else None,
-                              "steps": len(history.get("steps", []))}}
-    record(key, entry)
-    del model
-
-
-def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dict:
+def evaluate_run(run_dir: str, eval_config=None, *, mesh=None,
+                 log=distributed.primary_print) -> dict:
   """Evaluates the dense model and each pruned ratio of a run; writes results, plots, report.
 
   Rerunning with the same settings reuses the models already in `eval_results.json` (matched by
@@ -338,76 +341,64 @@ def evaluate_run(run_dir: str, eval_config=None, *, mesh=None, log=print) -> dic
   sharded by the sharding rules, one at a time. On several processes every process calls this;
   process 0 reads and writes the run directory and logs.
   """
-  from finercut_jax.parallel import distributed
-  from finercut_jax.rundir.atomic import atomic_write_json
-  primary = distributed.is_primary()
-  if not primary:
+  if not distributed.is_primary():
     log = lambda *_: None  # noqa: E731
+  run = RunDir(run_dir)
   eval_config = resolve_eval_config(eval_config)
-  read = lambda name, default=None: distributed.on_primary(  # noqa: E731
-      lambda: read_json(os.path.join(run_dir, name), default))
-  run_config = read("config.json")
-  if run_config is None:
-    raise FileNotFoundError(f"{run_dir}/config.json is missing: not a run directory")
+  run_config = distributed.on_primary(run.read_config)
   if not int(eval_config.scoring.max_length):
-    from finercut_jax.model import loading
     model_path = loading.resolve_path(run_config["model"]["path"])
     resolve_max_length(eval_config, distributed.on_primary(
         lambda: loading.load_config(model_path).max_position_embeddings))
-  masks = read("masks.json")
+  masks = distributed.on_primary(lambda: _stored_masks(run))
   if not masks:
-    raise FileNotFoundError(f"{run_dir}/masks.json is missing: the search has not finished; "
+    raise FileNotFoundError(f"{run.masks_file} is missing: the search has not finished; "
                             f"rerun python -m finercut_jax.main with this run's config")
-  ranking = read("ranking.json")
-  previous = read("eval_results.json", {})
+  ranking = distributed.on_primary(lambda: None if (r := run.read_ranking()) is None
+                                   else r.to_json())
+  ranking = None if ranking is None else Ranking.from_json(ranking, run.ranking_file)
+  previous = distributed.on_primary(run.read_eval_results)
   wanted = _csv(eval_config.ratios)
   unknown = [w for w in wanted if not any(float(r) == float(w) for r in masks)]
   if unknown:
-    raise ValueError(f"eval.ratios {', '.join(unknown)} not in {run_dir}/masks.json (it has "
+    raise ValueError(f"eval.ratios {', '.join(unknown)} not in {run.masks_file} (it has "
                      f"{', '.join(sorted(masks, key=float))}); add them to search.mask_ratios "
                      f"and rerun the search, which resumes without rescoring")
   ratios = sorted((r for r in masks if not wanted or any(float(r) == float(w) for w in wanted)),
                   key=float)
-  scoring = scoring_config(eval_config.scoring)
-  path = os.path.join(run_dir, "eval_results.json")
-  settings = json.loads(eval_config.to_json())
   # Results of earlier evaluations stay, whatever their settings: each stored result carries its
-  # own settings and is reused only under the same ones (`_pending`).
+  # own settings and is reused only under the same ones (`pending_work`).
   reusable = previous.get("models", {})
 
-  log(f"evaluating {run_dir}: dense + ratios {ratios}")
-  results = {"run_dir": os.path.abspath(run_dir),
-             "model": run_config.get("model", {}).get("path") or (ranking or {}).get("model"),
-             "eval_config": settings, "models": dict(reusable)}
-
-  def record(key, entry):  # a failed write stops every process, not only process 0
-    results["models"][key] = entry
-    distributed.on_primary(lambda: atomic_write_json(path, results))
-
+  log(f"evaluating {run}: dense + ratios {ratios}")
+  results = {"run_dir": os.path.abspath(run.path),
+             "model": run_config.get("model", {}).get("path") or (ranking.model if ranking
+                                                                   else None),
+             "eval_config": json.loads(eval_config.to_json()), "models": dict(reusable)}
   keeps = {r: np.asarray(masks[r], bool) for r in ratios}
   keeps = {"dense": np.ones_like(np.asarray(next(iter(masks.values())), bool)), **keeps}
   done = {k: reusable[k] for k, keep in keeps.items()
           if k in reusable and reusable[k].get("keep") == keep.tolist()}
-  text = _RunText(run_dir, run_config, eval_config)
-  _evaluate_models(run_dir, eval_config, run_config, masks, ratios, done, scoring, record,
-                   results, path, mesh, log, text)
-  healed = dict(previous.get("healed", {}))
-  results["healed"] = healed
-
-  def record_healed(key, entry):
-    healed[key] = entry
-    distributed.on_primary(lambda: atomic_write_json(path, results))
-  _evaluate_healed(run_dir, eval_config, ratios, healed, scoring, record_healed, mesh, log, text)
-  if not healed:
+  evaluation = _RunEvaluation(run, run_config, eval_config, results, mesh=mesh, log=log)
+  evaluation.models(masks, ratios, done)
+  results["healed"] = dict(previous.get("healed", {}))
+  evaluation.healed(ratios)
+  if not results["healed"]:
     del results["healed"]
 
   def write_plots_and_report():
     if eval_config.plots:
       results["plots"] = {k: os.path.basename(v) for k, v in plots.make_plots(
-          run_dir, ranking, {r: masks[r] for r in ratios} or masks, results,
+          run, ranking, {r: masks[r] for r in ratios} or masks, results,
           results["model"]).items()}
-      atomic_write_json(path, results)
-    report.write_report(run_dir, results, ranking, run_config)
+      run.write_eval_results(results)
+    run.write_report(report.render(results, ranking, run_config))
   distributed.on_primary(write_plots_and_report)
-  log(f"wrote {path} and {os.path.join(run_dir, 'report.md')}")
+  log(f"wrote {run.eval_results_file} and {run.report_file}")
   return results
+
+
+def _stored_masks(run: RunDir) -> dict[str, list] | None:
+  """masks.json as stored (`{ratio key: [[bool, bool], ...]}`), for sharing across processes."""
+  masks = run.read_masks()
+  return None if masks is None else {k: v.tolist() for k, v in masks.items()}

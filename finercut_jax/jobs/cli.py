@@ -6,7 +6,9 @@ import contextlib
 import errno
 import sys
 
+import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 # Expected failures: invalid settings or files (ValueError and its subclasses), missing files and
 # unwritable, read-only or full disks (OSError).
@@ -19,7 +21,7 @@ def fail(message: str) -> None:
 
 
 def start(argv: list[str]) -> None:
-  """What an entry point on a finished run does first: positional arguments are refused, and
+  """What every entry point does first: positional arguments are refused, and
   absl's log stays at WARNING unless --verbosity is given (Orbax logs every save and restore at
   INFO)."""
   if len(argv) > 1:
@@ -70,51 +72,16 @@ def expected_errors():
     fail(str(e))
 
 
-def override_section(defaults, given, name: str, where: str):
-  """`defaults` (a ConfigDict) overridden by the fields `given` (a partial ConfigDict or dict)
-  sets; a field that `defaults` lacks is refused with a KeyError naming `name.field` and the
-  file `where` its fields are defined in."""
-  if given is None:
-    return defaults
-  values = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-
-  def merge(into, values, prefix):
-    for key, value in values.items():
-      if key not in into:
-        raise KeyError(f"unknown setting {prefix}{key}; the fields and their defaults are in "
-                       f"{where}")
-      if isinstance(value, dict):
-        merge(into[key], value, f"{prefix}{key}.")
-      else:
-        with into.ignore_type():
-          into[key] = value
-  merge(defaults, values, f"{name}.")
-  return defaults
+def define_overrides(section: str, defaults: ml_collections.ConfigDict, help_text: str) -> None:
+  """The flags `--<section>.<field>=...`, overrides of a finished run's own `section` settings
+  (read back with `overrides(section)`). ml_collections applies the command line's overrides
+  as it defines the flags: an unknown field ends the command here, with one line."""
+  try:
+    config_flags.DEFINE_config_dict(section, defaults, help_text)
+  except (AttributeError, KeyError) as e:
+    unknown_setting(e, sys.argv)
 
 
-def run_mesh(run_dir: str):
-  """The mesh a run searched on (its config's `scorer.mesh_model`), over this job's devices."""
-  import os
-
-  from finercut_jax.rundir import atomic
-  from finercut_jax.parallel import sharding
-  run_config = atomic.read_json(os.path.join(run_dir, "config.json"), {})
-  return sharding.make_mesh(model=run_config.get("scorer", {}).get("mesh_model", 1))
-
-
-@contextlib.contextmanager
-def existing_run(run_dir: str):
-  """For the entry points that work on a finished run: checks it exists, starts the distributed
-  runtime, and holds the run directory's lock on process 0 for the block."""
-  import os
-
-  from finercut_jax.parallel import distributed
-  from finercut_jax.rundir import atomic
-  if not os.path.isdir(run_dir):
-    raise FileNotFoundError(f"{run_dir}: no such run directory")
-  distributed.initialize()
-  lock = contextlib.ExitStack()
-  distributed.on_primary(lambda: lock.enter_context(atomic.run_lock(run_dir)) and None)
-  with lock:
-    yield
-
+def overrides(section: str) -> dict:
+  """The `--<section>.*` fields the command line set (flat, dotted keys)."""
+  return config_flags.get_override_values(flags.FLAGS[section])

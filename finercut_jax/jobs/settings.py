@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from finercut_jax.evaluation.run import default_eval_config
-from finercut_jax.healing.run import default_heal_config
+from finercut_jax.healing.settings import default_heal_config
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,10 +1,15 @@
-"""Atomic writes: a file or directory appears whole under its final name, or not at all."""
+"""Safe file writes: a file appears whole under its final name or not at all, JSON read back with
+a clear error when damaged, and a lock that lets one job at a time write a directory."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import json
 import os
+import socket
 import tempfile
+import time
 
 import numpy as np
 
@@ -46,33 +51,28 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
-  import io
   buf = io.BytesIO()
   np.save(buf, array)
   atomic_write_bytes(path, buf.getvalue())
 
 
 class RunDirectoryBusy(ValueError):
-  """Another job is writing the same run directory."""
+  """Another job is writing the same directory."""
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str):
-  """Holds an exclusive lock on `run_dir` (its `.lock` file) while the block runs, so two jobs
-  never mix their results in one directory. The operating system releases it when the process
-  ends, however it ends; the file only records who held it last."""
-  import fcntl
-  import socket
-  import time
-  os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, ".lock")
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def exclusive_lock(lock_file: str, directory: str):
+  """Holds an exclusive lock on `lock_file` while the block runs, so two jobs never mix their
+  results in `directory`. The operating system releases it when the process ends, however it
+  ends; the file only records who held it last."""
+  os.makedirs(os.path.dirname(lock_file) or ".", exist_ok=True)
+  fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-      raise RunDirectoryBusy(f"{run_dir} is in use by another job ({holder}): wait for it to "
+      raise RunDirectoryBusy(f"{directory} is in use by another job ({holder}): wait for it to "
                              f"finish or use another run_dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
