@@ -1,6 +1,6 @@
 """The run directory as a contract: its typed records read what the product wrote before they
 existed, and write it back the same; a run written before the package was restructured (commit
-638644f, `tests/data/run_before_redesign`) reads, restores and resumes unchanged."""
+638644f, `tests/data/before_redesign`) reads, restores and resumes unchanged."""
 from __future__ import annotations
 
 import json
@@ -13,26 +13,21 @@ import pytest
 from finercut_jax import jobs, load_model, load_pruned
 from finercut_jax.rundir import Ranking, RecordError, RemovalStep, RunDir
 from finercut_jax.scoring import Scorer
-from hf_tiny import make_hf_model, make_tokenizer, save_hf_model
-from test_main import job_config, text_lines
+from test_main import job_config
 
-LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "run_before_redesign")
+# A run written by commit 638644f, with the tiny model and calibration text it was written from:
+# the model's files are kept as written (their fingerprint includes the writing transformers
+# version, in config.json), so the run resumes whatever transformers reads them.
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "before_redesign")
 # Where the model, the calibration text and the run lay when the run was written; the copy's
 # files are rewritten to the test's own directory, as if the user had kept them in place.
 LEGACY_ROOT = "/tmp/legacy"
 
 
 def _legacy_run(root) -> tuple[str, str, str]:
-  """The legacy run copied under `root`, with its tiny model and calibration text rebuilt there
-  exactly as they were (the same seeds)."""
-  model_dir = save_hf_model(make_hf_model("gqa_tied", seed=3, num_layers=3, initializer_range=0.3),
-                            root / "model")
-  make_tokenizer(model_dir)
-  text = root / "calibration.txt"
-  text.write_text("\n".join(text_lines()) + "\n")
-  run = root / "run"
-  shutil.copytree(LEGACY, run)
-  for directory, _, files in os.walk(run):
+  """The legacy run, its model and its calibration text, copied under `root`."""
+  shutil.copytree(LEGACY, root, dirs_exist_ok=True)
+  for directory, _, files in os.walk(root / "run"):
     for name in files:
       if name.endswith(".json"):
         path = os.path.join(directory, name)
@@ -40,11 +35,11 @@ def _legacy_run(root) -> tuple[str, str, str]:
           content = f.read()
         with open(path, "w") as f:
           f.write(content.replace(LEGACY_ROOT, str(root)))
-  return model_dir, str(text), str(run)
+  return str(root / "model"), str(root / "calibration.txt"), str(root / "run")
 
 
 def test_records_round_trip_the_legacy_files():
-  run = RunDir(LEGACY)
+  run = RunDir(os.path.join(LEGACY, "run"))
   with open(run.ranking_file) as f:
     stored = json.load(f)
   ranking = run.read_ranking()

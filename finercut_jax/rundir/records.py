@@ -89,9 +89,6 @@ class Ranking:
   nested: bool = True
   runs: dict | None = None
 
-  def prefix(self, n: int) -> tuple[RemovalStep, ...]:
-    return self.steps[:n]
-
   @classmethod
   def from_json(cls, data: Any, where: str = "ranking") -> "Ranking":
     data = _require(data, ("num_layers", "steps"), where)
