@@ -13,9 +13,9 @@ if [ ! -x .venv-tpu/bin/python ]; then
   "$PYTHON" -m venv .venv-tpu
 fi
 .venv-tpu/bin/pip install --upgrade pip
-# The project (its pinned jax/jaxlib), then libtpu at the version this jax release pins.
-.venv-tpu/bin/pip install -e .
-.venv-tpu/bin/pip install "jax[tpu]==0.10.2"
+# The project at constraints.txt's versions, then libtpu at the version that jax release pins.
+.venv-tpu/bin/pip install -c constraints.txt -e .
+.venv-tpu/bin/pip install -c constraints.txt "jax[tpu]"
 .venv-tpu/bin/python - <<'PY'
 import importlib.metadata as md
 print("jax", md.version("jax"), "jaxlib", md.version("jaxlib"), "libtpu", md.version("libtpu"))
