@@ -69,7 +69,8 @@ def heal_run(run_dir: str, ratio: float, heal_config=None, *, mesh=None, log=pri
   # At least one micro-batch of held-out windows (the training text starts after all of it).
   eval_config.perplexity.num_tokens = max(int(eval_config.perplexity.num_tokens),
                                           int(c.micro_batch) * int(c.seq_len))
-  calibration = np.asarray(distributed.on_primary(lambda: run.read_tokens(missing_ok=False).tolist()), np.int32)
+  calibration = np.asarray(distributed.on_primary(
+      lambda: run.read_tokens(missing_ok=False).tolist()), np.int32)
   heldout, info = heldout_for_run(run_config, tokenizer, eval_config, calibration)
   data_ = training_data(tokenizer, c, run_config, calibration, heldout, info["source"],
                         info["offset"])

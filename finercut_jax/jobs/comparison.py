@@ -190,7 +190,7 @@ def _dense_entry(directory: ComparisonDir, config, job: Job, params, eval_config
     log(f"dense: reusing {os.path.basename(directory.dense_eval_file)}")
     return stored
   heldout = heldout_for_run(json.loads(config.to_json()), job.tokenizer, eval_config,
-                            directory.read_tokens())
+                            job.tokens)
   entry = {**evaluate_model(model, job.tokenizer, eval_config, heldout=heldout,
                             scoring=scoring_config(eval_config.scoring), log=log,
                             previous=stored),
